@@ -1,0 +1,67 @@
+"""The `ift` command line: parses arguments and hands off to the module that does the work (imported lazily, so
+`ift --help` and the launcher stay light)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=4096")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ift", description="ift-dist: distributed instruction fine-tuning")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="prepare, validate and inspect training data").add_subparsers(
+        dest="data_command", required=True
+    )
+    prepare = data.add_parser("prepare", help="tokenize and pack once into Parquet shards + manifest.json")
+    _add_config_args(prepare)
+    prepare.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    prepare.add_argument("--num-proc", type=int, default=1, help="rendering processes")
+    prepare.add_argument("--rows-per-shard", type=int, default=2048, help="rows per Parquet shard")
+
+    validate = data.add_parser("validate", help="check every record; list each bad one; exit 1 if any")
+    _add_config_args(validate)
+    validate.add_argument("--num-proc", type=int, default=1)
+    validate.add_argument("--max-listed", type=int, default=50, help="bad records listed per source")
+
+    stats = data.add_parser("stats", help="records, rejections, turns, lengths, supervision, drops, packing")
+    _add_config_args(stats)
+    stats.add_argument("--num-proc", type=int, default=1)
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    preview = data.add_parser("preview", help="render N samples with the supervised part marked")
+    _add_config_args(preview)
+    preview.add_argument("-n", "--num-samples", type=int, default=3)
+    preview.add_argument("--html", help="also write an HTML page to this path")
+    preview.add_argument("--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from ift_dist.config import ConfigError
+
+    try:
+        if args.command == "data":
+            from ift_dist.data import commands
+
+            return commands.run(args)
+    except ConfigError as error:
+        print(f"ift: config error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The conversation data pipeline: records -> chat template -> assistant-only labels -> packing -> loader."""

@@ -1,0 +1,1 @@
+"""Fused loss kernels (Triton on GPU, chunked torch elsewhere). Imports torch and triton only."""

@@ -1,0 +1,1 @@
+"""Turns a config and a cluster into processes (deepspeed / srun / sbatch). Never imports torch."""
