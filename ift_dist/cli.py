@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(preview)
     preview.add_argument("-n", "--num-samples", type=int, default=3)
     preview.add_argument("--html", help="also write an HTML page to this path")
-    preview.add_argument("--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color")
+    preview.add_argument(
+        "--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color"
+    )
     return parser
 
 

@@ -1,0 +1,103 @@
+"""The `ift data ...` subcommands: prepare, validate, stats, preview (argument handling and printing only)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ift_dist.config import load_config
+from ift_dist.data.types import BadRecordError, DataFileError
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    try:
+        return COMMANDS[args.data_command](config, args)
+    except (DataFileError, BadRecordError) as error:
+        print(f"ift data {args.data_command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _prepare(config, args) -> int:
+    from ift_dist.data.prepare import prepare
+
+    manifest = prepare(config, args.out, num_proc=args.num_proc, rows_per_shard=args.rows_per_shard)
+    packing = manifest["report"]["packing"]
+    print(
+        f"wrote {manifest['rows']} rows, {manifest['tokens']} tokens in {len(manifest['shards'])} shards to {args.out} "
+        f"({manifest['tokens_per_second']:.0f} tokens/s, packing efficiency {100 * packing['efficiency']:.2f}%)"
+    )
+    return 0
+
+
+def _validate(config, args) -> int:
+    """Lists every bad record (up to --max-listed per source) and every sample the template could not mask; exit 1
+    if there is any. Too-long samples are reported but are not errors."""
+    from ift_dist.data.loader import scan_sources
+
+    config.data.on_bad_record = "skip"  # list them all instead of stopping at the first
+    failed = False
+    for item in scan_sources(config.data.sources, "skip"):
+        scan = item.scan
+        print(
+            f"{scan.name}: {scan.num_records} records, {len(scan.valid_indices)} valid, {len(scan.bad)} bad"
+        )
+        for bad in scan.bad[: args.max_listed]:
+            print(f"  {bad}")
+        if len(scan.bad) > args.max_listed:
+            print(f"  ... and {len(scan.bad) - args.max_listed} more")
+        failed |= bool(scan.bad)
+    from ift_dist.data.report import analyze
+
+    report = analyze(config, num_proc=args.num_proc)
+    dropped = report["samples"]["dropped_by_reason"]
+    unmaskable = {reason: n for reason, n in dropped.items() if reason != "too_long"}
+    print(
+        f"rendered {report['samples']['rendered']} samples; dropped: "
+        + (", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items())) or "none")
+    )
+    failed |= bool(unmaskable)
+    print("FAILED" if failed else "OK")
+    return 1 if failed else 0
+
+
+def _stats(config, args) -> int:
+    from ift_dist.data.inspect import format_report
+    from ift_dist.data.report import analyze
+
+    report = analyze(config, num_proc=args.num_proc)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def _preview(config, args) -> int:
+    from ift_dist.data.inspect import format_sample, samples_html
+    from ift_dist.data.loader import build_loader
+    from ift_dist.data.render import load_tokenizer
+    from ift_dist.data.report import batch_rows, tokenizer_path
+    from ift_dist.data.types import RenderedSample
+
+    tokenizer = load_tokenizer(tokenizer_path(config))
+    data = dataclasses.replace(config.data, packing=False, num_workers=0, prepared=None)
+    loader = build_loader(data, tokenizer, rank=0, world_size=1, rows_per_batch=1, epochs=1)
+    samples = []
+    for batch in loader:
+        for row in batch_rows(batch):
+            samples.append(RenderedSample(row.input_ids, row.labels, row.refs[0]))
+        if len(samples) >= args.num_samples:
+            break
+    color = not args.no_color and sys.stdout.isatty()
+    for sample in samples:
+        print(format_sample(sample, tokenizer, color=color))
+        print()
+    if args.html:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.html).write_text(samples_html(samples, tokenizer))
+        print(f"wrote {args.html}")
+    return 0
+
+
+COMMANDS = {"prepare": _prepare, "validate": _validate, "stats": _stats, "preview": _preview}
