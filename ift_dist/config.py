@@ -67,6 +67,10 @@ class SourceConfig:
         _check_positive(f"{key}.weight", self.weight)
         if not self.path:
             raise ConfigError(f"{key}.path: must name a file, glob or directory")
+        for file_role, role in self.roles.items():
+            _check_choice(
+                f"{key}.roles.{file_role}", role, ("system", "user", "assistant", "tool", "function_call")
+            )
 
 
 @dataclass
@@ -80,8 +84,10 @@ class TemplateSpec:
     prefix: str = ""
     # Format of a system message.
     system: str = "{content}"
-    # System content used when a conversation has none ("" = no system block at all).
+    # System content used when a conversation has none ("" = no system block at all). Literal text, no placeholders.
     default_system: str = ""
+    # Alpaca-style templates: the default system used instead when the first user turn carries an input.
+    default_system_with_input: str | None = None
     # Format of a user message.
     user: str = "{content}"
     # Alpaca-style templates: format of a user turn that carries a separate input ({instruction}, {input}).
@@ -90,12 +96,18 @@ class TemplateSpec:
     system_in_first_user: str | None = None
     # What precedes an assistant reply: the generation prompt at inference time. Never supervised.
     assistant_prefix: str = ""
+    # Format of the reply itself (supervised), e.g. " {content}" where the reply starts with a space.
+    assistant: str = "{content}"
     # The end-of-turn marker after a reply; supervised together with the reply (e.g. "{eos_token}").
     assistant_suffix: str = "{eos_token}"
     # Unsupervised text after the end-of-turn marker (e.g. "\n" between turns).
     separator: str = ""
-    # Format of a tool result.
+    # Format of a tool result; also {name} (the tool's name, "" when unknown).
     tool: str = "{content}"
+    # Format of one tool call inside an assistant reply ({name}, {arguments} as JSON), after the reply's text.
+    tool_call: str = '<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+    # Added to the system block when the conversation offers tools ({tools}: one JSON schema per line).
+    tools: str = "You can call these functions (JSON schemas, one per line):\n{tools}"
 
 
 @dataclass
@@ -120,6 +132,9 @@ class DataConfig:
     custom_template: TemplateSpec | None = None
     # A raw Jinja chat template that replaces the tokenizer's own (template must be "tokenizer").
     chat_template: str | None = None
+    # Extra variables for the chat template, e.g. {enable_thinking: false} for reasoning templates whose generation
+    # prompt otherwise opens a <think> block that the training replies lack. Pass the same ones at inference.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # Which tokens carry loss: "assistant" = every assistant turn, "last_assistant" = the final one only,
     # "all" = prompts too. End-of-turn markers of supervised turns are always supervised.
     supervise: str = "assistant"
@@ -132,6 +147,8 @@ class DataConfig:
     packing: bool = True
     # Samples held by the streaming packer; bigger = fuller rows, more memory. Must be >= 1.
     pack_buffer: int = 2000
+    # Pad every batch to max_length tokens (static shapes) instead of to its longest row.
+    pad_to_max_length: bool = False
     # A record that cannot be turned into a conversation: "skip" it (counted and reported by reason) or stop
     # with an "error" before training starts. A file that cannot be read at all is always an error.
     on_bad_record: str = "skip"
@@ -176,6 +193,18 @@ class ModelConfig:
     gguf_file: str | None = None
     # Allow the model's own Python code from its repository. Off unless the user sets it.
     trust_remote_code: bool = False
+    # Weight dtype: "auto" = bfloat16 on GPUs, float32 on CPU; or bfloat16, float16, float32.
+    dtype: str = "auto"
+    # Attention kernel for packed rows: "auto" (flash_attn if installed, else torch_varlen, else flex on CUDA;
+    # sdpa on CPU), flash_attn, torch_varlen, flex, sdpa, eager. See ift_dist/attention.py.
+    attention: str = "auto"
+    # Recompute each decoder layer's activations in the backward pass: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        backends = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa", "eager")
+        _check_choice(f"{key}.attention", self.attention, backends)
 
 
 # --------------------------------------------------------------------------------------------------- run
@@ -193,6 +222,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
+        self.model.validate("model")
         self.data.validate("data")
 
 

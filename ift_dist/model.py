@@ -1,0 +1,109 @@
+"""Loading the pretrained causal LM to train: from a directory, hub id or GGUF file, ready for packed rows.
+
+`load_model` = from_pretrained (inside the engine's init context, for ZeRO-3) + dtype rule + packed attention
+backend (ift_dist.attention) + optional activation checkpointing. It never imports deepspeed: the engine passes the
+context in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ift_dist.attention import enable_packed_attention, select_backend
+from ift_dist.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(requested: str, device: Any) -> torch.dtype:
+    """The weight dtype: "auto" = bfloat16 on a GPU, float32 on CPU (CPU bf16 is slow and loses the 1e-5 parity)."""
+    if requested == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if requested not in DTYPES:
+        raise ValueError(f"model.dtype: {requested!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def load_model(
+    config: ModelConfig,
+    *,
+    device: Any = None,
+    training: bool = True,
+    init_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[Any, str]:
+    """The model and its packed-attention backend name (for `attention.packed_forward_kwargs`).
+
+    device: where it will run (default: CUDA if present); decides the dtype and the attention backend. The model
+    is not moved: under ZeRO-3 `init_context` partitions it onto the GPUs, otherwise the engine moves it.
+    init_context: a factory of the context that from_pretrained runs inside. For ZeRO-3 the engine's context keeps
+    transformers' HfDeepSpeedConfig alive, so from_pretrained builds the model under deepspeed.zero.Init and
+    loads each weight into its shard.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = default_device() if device is None else torch.device(device)
+    dtype = resolve_dtype(config.dtype, device)
+    if not config.name_or_path:
+        raise ValueError("model.name_or_path: must name a local directory or a hub id")
+    options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.gguf_file:
+        local = Path(config.name_or_path)
+        if local.is_dir() and not (local / config.gguf_file).is_file():
+            raise FileNotFoundError(f"model.gguf_file: {local / config.gguf_file} does not exist")
+        options["gguf_file"] = config.gguf_file
+    with init_context():
+        model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **options)
+    if config.gguf_file:
+        make_saveable(model)
+    model.config.use_cache = False  # training keeps no KV cache
+    backend = select_backend(model, config.attention, device=device, training=training)
+    enable_packed_attention(model, backend)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    logger.info(
+        "loaded %s (%s, %.1fM parameters, %s, attention %s%s)",
+        config.name_or_path,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        dtype,
+        backend,
+        ", activation checkpointing" if config.gradient_checkpointing else "",
+    )
+    return model, backend
+
+
+def make_saveable(model: Any) -> None:
+    """A GGUF model is dequantized on load, but transformers still marks it quantized and refuses to save it; drop
+    the marks so checkpoints and the exported model are plain safetensors of the trained weights."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)  # also clears is_quantized and quantization_method
+    model.hf_quantizer = None
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        for name in ("quantization_config", "_is_quantized"):
+            if hasattr(config, name):
+                delattr(config, name)
+    model.is_quantized = False
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing: it passes keyword tensors (the packed boundaries) through and needs no input
+    that requires grad. The layers checkpoint only in train() mode."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
