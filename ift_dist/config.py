@@ -45,7 +45,7 @@ class SourceConfig:
     name: str | None = None
     # Record format: auto (detected per file from the first valid record), alpaca, sharegpt, openai, firefly.
     format: str = "auto"
-    # Mixing ratio as a repeat factor per epoch: each epoch uses round(weight x valid records) records of this
+    # Mixing ratio as a repeat factor per epoch: each epoch uses weight x valid records (rounded half up) of this
     # source (2.0 = every record twice, 0.5 = a seeded random half, re-drawn each epoch).
     weight: float = 1.0
     # Field-name mapping, our name -> the file's name, for files that use other keys. Our names: instruction,
