@@ -22,16 +22,18 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ift_dist.config import DataConfig, SourceConfig  # noqa: E402
-from ift_dist.data.pack import StreamingPacker  # noqa: E402
-from ift_dist.data.render import Renderer, load_tokenizer  # noqa: E402
-from ift_dist.data.sources import open_source  # noqa: E402
-from ift_dist.data.types import RenderedSample  # noqa: E402
+from ift_dist.config import DataConfig, SourceConfig
+from ift_dist.data.pack import StreamingPacker
+from ift_dist.data.render import Renderer, load_tokenizer
+from ift_dist.data.sources import open_source
+from ift_dist.data.types import RenderedSample
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ENGLISH = [
     SourceConfig(path=str(SHARED / "data/llamafactory/alpaca_en_demo.json")),
-    SourceConfig(path=str(SHARED / "data/llamafactory/identity.json"), placeholders={"name": "Ada", "author": "X"}),
+    SourceConfig(
+        path=str(SHARED / "data/llamafactory/identity.json"), placeholders={"name": "Ada", "author": "X"}
+    ),
     SourceConfig(path=str(SHARED / "data/llamafactory/glaive_toolcall_en_demo.json")),
     SourceConfig(path=str(SHARED / "data/llamafactory/kto_en_demo.json"), where={"label": True}),
     SourceConfig(path=str(SHARED / "data/fastchat/dummy_conversation.json")),
@@ -88,10 +90,17 @@ def run_trl(conversations, tokenizer, max_length: int) -> tuple[int, float, str]
         template = get_training_chat_template(tokenizer)
         masks, note = True, "assistant-only masks"
     except Exception as error:  # TRL supports a fixed list of templates for assistant-only loss
-        template, masks, note = None, False, f"no assistant masks ({type(error).__name__}: TRL has no training template)"
+        template, masks, note = (
+            None,
+            False,
+            f"no assistant masks ({type(error).__name__}: TRL has no training template)",
+        )
     rows = [
         # JSON strings: messages with and without tool_calls do not share one Arrow schema.
-        {"messages": json.dumps([m.to_dict() for m in c.messages]), "tools": json.dumps(c.tools) if c.tools else ""}
+        {
+            "messages": json.dumps([m.to_dict() for m in c.messages]),
+            "tools": json.dumps(c.tools) if c.tools else "",
+        }
         for c in conversations
     ]
     started = time.perf_counter()
@@ -131,15 +140,25 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
     conversations, read_seconds = load_conversations()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# data throughput, {len(conversations)} English conversations, {Path(args.tokenizer).name}, "
-          f"max_length {args.max_length}, one process")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, commit {commit}, "
-          f"record reading + validation: {len(conversations) / read_seconds:.0f} records/s")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"# data throughput, {len(conversations)} English conversations, {Path(args.tokenizer).name}, "
+        f"max_length {args.max_length}, one process"
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, commit {commit}, "
+        f"record reading + validation: {len(conversations) / read_seconds:.0f} records/s"
+    )
     table = []
-    bare_tokens, bare_seconds, _ = median_run(run_bare, conversations, tokenizer, args.max_length, repeat=args.repeat)
+    bare_tokens, bare_seconds, _ = median_run(
+        run_bare, conversations, tokenizer, args.max_length, repeat=args.repeat
+    )
     table.append(("bare apply_chat_template (no labels, no packing)", bare_tokens, bare_seconds, ""))
-    ours_tokens, ours_seconds, _ = median_run(run_ours, conversations, tokenizer, args.max_length, repeat=args.repeat)
+    ours_tokens, ours_seconds, _ = median_run(
+        run_ours, conversations, tokenizer, args.max_length, repeat=args.repeat
+    )
     table.append(("ift-dist render + labels + pack", ours_tokens, ours_seconds, ""))
     try:
         trl_tokens, trl_seconds, (note,) = median_run(

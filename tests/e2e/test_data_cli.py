@@ -52,7 +52,9 @@ data:
 
 def test_prepare_writes_shards_that_training_streams(config_file: Path, tmp_path: Path):
     out = tmp_path / "prepared"
-    result = ift("data", "prepare", str(config_file), "--out", str(out), "--num-proc", "2", "--rows-per-shard", "16")
+    result = ift(
+        "data", "prepare", str(config_file), "--out", str(out), "--num-proc", "2", "--rows-per-shard", "16"
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "ift-dist-prepared"
@@ -81,7 +83,9 @@ def test_prepare_writes_shards_that_training_streams(config_file: Path, tmp_path
 
     # Training streams the shards: one epoch over them gives back exactly the prepared rows.
     config = load_config(config_file, [f"data.prepared={out}"])
-    loader = build_loader(config.data, load_tokenizer(str(TOKENIZER)), rank=0, world_size=1, rows_per_batch=4, epochs=1)
+    loader = build_loader(
+        config.data, load_tokenizer(str(TOKENIZER)), rank=0, world_size=1, rows_per_batch=4, epochs=1
+    )
     streamed = sorted(tuple(row.input_ids) for batch in loader for row in batch_rows(batch))
     assert streamed == sorted(tuple(row["input_ids"]) for row in rows)
 
