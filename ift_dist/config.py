@@ -170,6 +170,13 @@ class DataConfig:
             raise ConfigError(f"{key}.custom_template: required when {key}.template is 'custom'")
         if self.chat_template is not None and self.template != "tokenizer":
             raise ConfigError(f"{key}.chat_template: only with {key}.template 'tokenizer', got {self.template!r}")
+        # Imported here: templates.py imports this module (TemplateSpec). Compiling a custom template now reports
+        # a bad placeholder at load time, naming its field.
+        from ift_dist.data.templates import BUILTIN_TEMPLATES, compile_template
+
+        _check_choice(f"{key}.template", self.template, ("tokenizer", "custom", *BUILTIN_TEMPLATES))
+        if self.template == "custom":
+            compile_template(self.custom_template, f"{key}.custom_template")
         _check_choice(f"{key}.supervise", self.supervise, ("assistant", "last_assistant", "all"))
         _check_choice(f"{key}.overlong", self.overlong, ("drop", "truncate"))
         _check_choice(f"{key}.on_bad_record", self.on_bad_record, ("skip", "error"))
@@ -207,6 +214,120 @@ class ModelConfig:
         _check_choice(f"{key}.attention", self.attention, backends)
 
 
+# --------------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch geometry, AdamW, LR schedule, loss path, NaN policy, eval and sample cadence.
+
+    Batch arithmetic (docs/training.md): a row is one packed row of at most data.max_length tokens. One optimizer
+    step consumes global_batch_rows rows = micro_batch_rows x world size x accumulation steps."""
+
+    # Optimizer steps to run; one step = one global batch. Skipped (non-finite) steps count too.
+    max_steps: int = 1000
+    # Packed rows per optimizer step, summed over all ranks. Set this or global_batch_tokens (not both; neither =
+    # micro_batch_rows x world size, no accumulation). Must be a multiple of micro_batch_rows x world size; the
+    # quotient is the number of gradient accumulation steps.
+    global_batch_rows: int | None = None
+    # The global batch in tokens of row capacity: global_batch_rows = global_batch_tokens / data.max_length (must
+    # divide). Real tokens per step are fewer by the packing efficiency (logged each step).
+    global_batch_tokens: int | None = None
+    # Rows per rank in one forward/backward pass (the micro batch).
+    micro_batch_rows: int = 1
+    # Rows per rank in one evaluation forward pass; null = micro_batch_rows.
+    eval_batch_rows: int | None = None
+    # Peak learning rate of AdamW.
+    learning_rate: float = 2e-5
+    # After warmup: "cosine" or "linear" decay to min_lr_ratio x learning_rate at max_steps, or "constant".
+    lr_schedule: str = "cosine"
+    # Steps of linear warmup: step s < warmup_steps uses learning_rate x (s + 1) / warmup_steps.
+    warmup_steps: int = 0
+    # Final learning rate of the cosine/linear decay, as a fraction of learning_rate (0.1 = 10%).
+    min_lr_ratio: float = 0.0
+    # AdamW decoupled weight decay of matrices; parameters of fewer than 2 dimensions (norms, biases) get none.
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    # Clip the global gradient 2-norm to this before the update (0 = no clipping).
+    max_grad_norm: float = 1.0
+    # "fused": hidden states -> fused linear cross-entropy (ift_dist.kernels), never holding the full-vocabulary
+    # logits; "reference": the model's own logits -> torch cross-entropy (the executable specification).
+    loss: str = "fused"
+    # Evaluate every N optimizer steps (0 = only at the end). Needs data.eval_sources or data.eval_fraction; without
+    # either there is no evaluation.
+    eval_every: int = 0
+    # Non-finite (NaN/inf) loss or gradient norm: the step is skipped; this many skipped steps in a row stop the run
+    # with exit code 3.
+    max_bad_steps: int = 5
+    # DeepSpeed JSON holding ZeRO knobs only (configs/ds_zero3/); null = plain ZeRO stage 3. Batch sizes, clipping,
+    # precision, optimizer and schedule come from this config; a JSON that sets them is rejected.
+    zero_config: str | None = None
+    # Save a DeepSpeed checkpoint into <output_dir>/checkpoints/step-<N> when training ends.
+    save_at_end: bool = True
+    # Prompts (user messages) answered greedily before and after training, through the run's chat template; printed
+    # on rank 0 and written to <output_dir>/samples.jsonl.
+    sample_prompts: list[str] = field(default_factory=list)
+    # Most new tokens of each sample answer.
+    sample_max_new_tokens: int = 64
+
+    def validate(self, key: str) -> None:
+        _check_positive(f"{key}.max_steps", self.max_steps)
+        if self.global_batch_rows is not None and self.global_batch_tokens is not None:
+            raise ConfigError(f"{key}.global_batch_rows: set it or {key}.global_batch_tokens, not both")
+        for name in ("global_batch_rows", "global_batch_tokens", "eval_batch_rows"):
+            if getattr(self, name) is not None:
+                _check_positive(f"{key}.{name}", getattr(self, name))
+        _check_positive(f"{key}.micro_batch_rows", self.micro_batch_rows)
+        _check_positive(f"{key}.learning_rate", self.learning_rate)
+        _check_choice(f"{key}.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        _check_positive(f"{key}.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{key}.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        _check_positive(f"{key}.weight_decay", self.weight_decay, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{key}.{name}: must be in [0, 1), got {getattr(self, name)}")
+        _check_positive(f"{key}.adam_epsilon", self.adam_epsilon)
+        _check_positive(f"{key}.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _check_choice(f"{key}.loss", self.loss, ("fused", "reference"))
+        _check_positive(f"{key}.eval_every", self.eval_every, allow_zero=True)
+        _check_positive(f"{key}.max_bad_steps", self.max_bad_steps)
+        _check_positive(f"{key}.sample_max_new_tokens", self.sample_max_new_tokens)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases tracking (rank 0 only). The run id is kept in <output_dir>/wandb_run_id, so a run restarted
+    in the same output_dir continues the same W&B run."""
+
+    # "online", "offline" (written under <output_dir>/wandb/, sync later with `wandb sync`) or "disabled".
+    mode: str = "disabled"
+    project: str = "ift-dist"
+    # Team or user; null = the logged-in user's default.
+    entity: str | None = None
+    # Display name; null = the name of output_dir.
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        _check_choice(f"{key}.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go besides <output_dir>/metrics.jsonl (always written)."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # Peak dense TFLOP/s of one GPU in the training dtype, for MFU; 0 = look the GPU up by name (H100, A100, ...).
+    peak_tflops: float = 0.0
+
+    def validate(self, key: str) -> None:
+        self.wandb.validate(f"{key}.wandb")
+        _check_positive(f"{key}.peak_tflops", self.peak_tflops, allow_zero=True)
+
+
 # --------------------------------------------------------------------------------------------------- run
 
 
@@ -220,10 +341,20 @@ class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         self.data.validate("data")
+        self.train.validate("train")
+        self.tracking.validate("tracking")
+        tokens = self.train.global_batch_tokens
+        if tokens is not None and tokens % self.data.max_length:
+            raise ConfigError(
+                f"train.global_batch_tokens: {tokens} is not a multiple of data.max_length "
+                f"({self.data.max_length}); one row holds data.max_length tokens"
+            )
 
 
 def _format_omegaconf_error(error: OmegaConfBaseException) -> str:

@@ -1,0 +1,338 @@
+"""Chat templates as data: the built-in TemplateSpecs, their compilation to a Jinja chat template, and the choice of
+the template a run uses.
+
+A TemplateSpec is compiled to an ordinary Hugging Face chat template (the `messages`, `tools`,
+`add_generation_prompt`, `bos_token`, `eos_token` conventions of `apply_chat_template`), so the very same text is
+rendered during training and, through the exported tokenizer, at inference.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Any
+
+from ift_dist.config import ConfigError, DataConfig, TemplateSpec
+
+# Stanford Alpaca's two prompt preambles (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
+_ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+_ALPACA_SYSTEM_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# Templates for models that have none of their own (base models). Strings as the model families define them;
+# multi-turn follows the same pattern turn after turn, and "{eos_token}" closes every reply.
+BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
+    # Stanford Alpaca's exact prompts (tatsu-lab/stanford_alpaca train.py PROMPT_DICT): the reply follows
+    # "### Response:" directly, as in their training strings (Alpaca-LoRA and LLaMA-Factory add a newline there):
+    # "<bos>{preamble}\n\n### Instruction:\n...\n\n[### Input:\n...\n\n]### Response:{reply}<eos>".
+    "alpaca": TemplateSpec(
+        prefix="{bos_token}",
+        system="{content}\n\n",
+        default_system=_ALPACA_SYSTEM,
+        default_system_with_input=_ALPACA_SYSTEM_WITH_INPUT,
+        user="### Instruction:\n{content}\n\n### Response:",
+        user_with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        assistant_suffix="{eos_token}",
+        separator="\n\n",
+        tool="### Observation:\n{content}\n\n### Response:",
+    ),
+    # Llama-2-chat: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {reply} </s><s>[INST] {user} [/INST]".
+    "llama2": TemplateSpec(
+        user="{bos_token}[INST] {content} [/INST]",
+        system_in_first_user="{bos_token}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
+        assistant=" {content} ",
+        assistant_suffix="{eos_token}",
+        tool="{bos_token}[INST] {content} [/INST]",
+    ),
+    # ChatML (OpenAI, Qwen, Hermes, SmolLM): "<|im_start|>{role}\n{content}<|im_end|>\n".
+    "chatml": TemplateSpec(
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        assistant_suffix="<|im_end|>",
+        separator="\n",
+        tool="<|im_start|>tool\n{content}<|im_end|>\n",
+    ),
+    # Llama 3 / 3.1 instruct: "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>".
+    "llama3": TemplateSpec(
+        prefix="{bos_token}",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant_suffix="<|eot_id|>",
+        tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
+        tool_call='{{"name": "{name}", "parameters": {arguments}}}',
+    ),
+    # Phi-3 instruct: "<|user|>\n{content}<|end|>\n<|assistant|>\n{reply}<|end|>\n".
+    "phi3": TemplateSpec(
+        prefix="{bos_token}",
+        system="<|system|>\n{content}<|end|>\n",
+        user="<|user|>\n{content}<|end|>\n",
+        assistant_prefix="<|assistant|>\n",
+        assistant_suffix="<|end|>",
+        separator="\n",
+        tool="<|user|>\n{content}<|end|>\n",
+    ),
+    # Vicuna v1.1 (FastChat "vicuna_v1.1"): "{system} USER: {user} ASSISTANT: {reply}</s>USER: ...".
+    "vicuna": TemplateSpec(
+        prefix="{bos_token}",
+        system="{content} ",
+        default_system=_VICUNA_SYSTEM,
+        user="USER: {content} ",
+        assistant_prefix="ASSISTANT:",
+        assistant=" {content}",
+        assistant_suffix="{eos_token}",
+        tool="USER: {content} ",
+    ),
+    # Stable Beluga (Orca style): "### System:\n{system}\n\n### User:\n{user}\n\n### Assistant:\n{reply}".
+    "stablebeluga": TemplateSpec(
+        prefix="{bos_token}",
+        system="### System:\n{content}\n\n",
+        user="### User:\n{content}\n\n",
+        assistant_prefix="### Assistant:\n",
+        assistant_suffix="{eos_token}",
+        separator="\n\n",
+        tool="### User:\n{content}\n\n",
+    ),
+    # Guanaco (QLoRA, OpenAssistant): "### Human: {user} ### Assistant: {reply}".
+    "guanaco": TemplateSpec(
+        prefix="{bos_token}",
+        system="{content}\n",
+        user="### Human: {content} ",
+        assistant_prefix="### Assistant:",
+        assistant=" {content}",
+        assistant_suffix="{eos_token}",
+        tool="### Human: {content} ",
+    ),
+}
+
+_TOKENS = ("bos_token", "eos_token")
+# The placeholders each format field may use, besides the tokenizer's bos_token / eos_token.
+_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "prefix": (),
+    "system": ("content",),
+    "user": ("content",),
+    "user_with_input": ("instruction", "input"),
+    "system_in_first_user": ("system", "content"),
+    "assistant_prefix": (),
+    "assistant": ("content",),
+    "assistant_suffix": (),
+    "separator": (),
+    "tool": ("content", "name"),
+    "tool_call": ("name", "arguments"),
+    "tools": ("tools",),
+}
+
+
+def _literal(text: str) -> str:
+    # A JSON string is a valid Jinja string literal: Jinja decodes the same backslash escapes.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _expression(spec: TemplateSpec, field: str, values: dict[str, str], key: str) -> str:
+    """One format field of the spec as a Jinja string expression, e.g. '"### Instruction:\\n" + content'."""
+    fmt = getattr(spec, field)
+    allowed = {name: values[name] for name in _PLACEHOLDERS[field]}
+    allowed.update({name: f"({name} or '')" for name in _TOKENS})
+    parts = []
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as error:
+        raise ConfigError(
+            f"{key}.{field}: {error} in {fmt!r} (write a literal brace as {{{{ or }}}})"
+        ) from error
+    for literal, name, format_spec, conversion in parsed:
+        if literal:
+            parts.append(_literal(literal))
+        if name is None:
+            continue
+        if name not in allowed or format_spec or conversion:
+            raise ConfigError(
+                f"{key}.{field}: unknown placeholder {{{name}}} in {fmt!r}; allowed: "
+                + ", ".join("{" + option + "}" for option in allowed)
+            )
+        parts.append(allowed[name])
+    return " + ".join(parts) if parts else "''"
+
+
+def _join(*expressions: str) -> str:
+    """Jinja string expressions concatenated, leaving out empty ones."""
+    kept = [expression for expression in expressions if expression != "''"]
+    return " + ".join(kept) if kept else "''"
+
+
+def _statement(indent: int, text: str) -> str:
+    return " " * indent + "{%- " + text + " %}"
+
+
+def _output(indent: int, expression: str) -> str:
+    return " " * indent + "{{- " + expression + " }}"
+
+
+def compile_template(spec: TemplateSpec, key: str = "data.custom_template") -> str:
+    """The Jinja chat template of a TemplateSpec. `key` names the spec in errors (ConfigError)."""
+    for field in _PLACEHOLDERS:
+        if field in ("user_with_input", "system_in_first_user") and getattr(spec, field) is None:
+            continue
+        if not isinstance(getattr(spec, field), str):
+            raise ConfigError(f"{key}.{field}: must be a string")
+
+    def expr(field: str, **values: str) -> str:
+        return _expression(spec, field, values, key)
+
+    content = "(message['content'] or '')"
+    has_input = "message['input'] is defined and message['input']"
+    lines = [
+        "{#- Compiled by ift_dist.data.templates from a TemplateSpec. #}",
+        _statement(0, "if messages and messages[0]['role'] == 'system'"),
+        _statement(4, "set system_message = messages[0]['content']"),
+        _statement(4, "set loop_messages = messages[1:]"),
+        _statement(0, "else"),
+        _statement(4, "set loop_messages = messages"),
+    ]
+    if spec.default_system_with_input is not None:
+        lines += [
+            _statement(4, f"if loop_messages and {has_input.replace('message[', 'loop_messages[0][')}"),
+            _statement(8, f"set system_message = {_literal(spec.default_system_with_input)}"),
+            _statement(4, "else"),
+            _statement(8, f"set system_message = {_literal(spec.default_system)}"),
+            _statement(4, "endif"),
+        ]
+    else:
+        lines.append(_statement(4, f"set system_message = {_literal(spec.default_system)}"))
+    lines += [
+        _statement(0, "endif"),
+        # Tool schemas join the system block, one JSON object per line.
+        _statement(0, "if tools"),
+        _statement(4, "set tool_lines = namespace(text='')"),
+        _statement(4, "for tool in tools"),
+        _statement(
+            8, "set tool_lines.text = tool_lines.text + ('\\n' if not loop.first else '') + (tool | tojson)"
+        ),
+        _statement(4, "endfor"),
+        _statement(4, f"set tools_block = {expr('tools', tools='tool_lines.text')}"),
+        _statement(
+            4,
+            "set system_message = system_message + '\\n\\n' + tools_block if system_message else tools_block",
+        ),
+        _statement(0, "endif"),
+    ]
+    if spec.prefix:
+        lines.append(_output(0, expr("prefix")))
+    if spec.system_in_first_user is None:
+        lines += [
+            _statement(0, "if system_message"),
+            _output(4, expr("system", content="system_message")),
+            _statement(0, "endif"),
+        ]
+    lines += [_statement(0, "for message in loop_messages"), _statement(4, "if message['role'] == 'user'")]
+
+    def user_turn(indent: int) -> list[str]:
+        plain = _output(indent, expr("user", content=content))
+        if spec.user_with_input is None:
+            return [plain]
+        with_input = expr("user_with_input", instruction="message['instruction']", input="message['input']")
+        return [
+            _statement(indent, f"if {has_input}"),
+            _output(indent + 4, with_input),
+            _statement(indent, "else"),
+            "    " + plain,
+            _statement(indent, "endif"),
+        ]
+
+    if spec.system_in_first_user is not None:
+        folded = expr("system_in_first_user", system="system_message", content=content)
+        user = [_statement(8, "if loop.first and system_message"), _output(12, folded), _statement(8, "else")]
+        user += [*user_turn(12), _statement(8, "endif")]
+    else:
+        user = user_turn(8)
+    lines += user
+    lines += [
+        _statement(4, "elif message['role'] == 'assistant'"),
+        # Tool calls follow the reply's text, each in the spec's tool_call format.
+        _statement(8, f"set reply = namespace(text={content})"),
+        _statement(8, "if message['tool_calls'] is defined and message['tool_calls']"),
+        _statement(12, "for call in message['tool_calls']"),
+        _statement(16, "set function = call['function'] if call['function'] is defined else call"),
+        _statement(
+            16,
+            "set arguments = function['arguments'] if function['arguments'] is string"
+            " else function['arguments'] | tojson",
+        ),
+        _statement(
+            16,
+            "set reply.text = reply.text + ('\\n' if reply.text else '') + "
+            + expr("tool_call", name="function['name']", arguments="arguments"),
+        ),
+        _statement(12, "endfor"),
+        _statement(8, "endif"),
+        _output(8, _join(expr("assistant_prefix"), expr("assistant", content="reply.text"))),
+        _output(8, _join(expr("assistant_suffix"), expr("separator"))),
+        _statement(4, "elif message['role'] == 'tool'"),
+        _output(8, expr("tool", content=content, name="(message['name'] or '')")),
+        _statement(4, "elif message['role'] == 'system'"),
+        _output(8, expr("system", content=content)),
+        _statement(4, "endif"),
+        _statement(0, "endfor"),
+    ]
+    if spec.assistant_prefix:
+        lines += [
+            _statement(0, "if add_generation_prompt"),
+            _output(4, expr("assistant_prefix")),
+            _statement(0, "endif"),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def end_of_turn_marker(spec: TemplateSpec, tokenizer: Any) -> str:
+    """The text of a spec's end-of-turn marker for this tokenizer (assistant_suffix with its tokens filled in)."""
+    return spec.assistant_suffix.format(
+        bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or ""
+    )
+
+
+def template_spec(cfg: DataConfig) -> TemplateSpec | None:
+    """The TemplateSpec a config selects (a built-in or the custom one), or None for a Jinja template."""
+    if cfg.template in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[cfg.template]
+    if cfg.template == "custom":
+        if cfg.custom_template is None:
+            raise ConfigError("data.custom_template: required when data.template is 'custom'")
+        return cfg.custom_template
+    if cfg.template == "tokenizer":
+        return None
+    raise ConfigError(
+        f"data.template: {cfg.template!r} is not one of tokenizer, custom, "
+        + ", ".join(sorted(BUILTIN_TEMPLATES))
+    )
+
+
+def resolve_chat_template(tokenizer: Any, cfg: DataConfig) -> str:
+    """The Jinja chat template a run renders with: data.chat_template if given, else the tokenizer's own
+    (data.template = "tokenizer"), else the compiled built-in or custom TemplateSpec."""
+    spec = template_spec(cfg)
+    if spec is not None:
+        key = "data.custom_template" if cfg.template == "custom" else f"data.template ({cfg.template})"
+        return compile_template(spec, key)
+    if cfg.chat_template:
+        return cfg.chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates (e.g. "default", "tool_use"): the default one
+        own = own.get("default")
+    if not own:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ConfigError(
+            f"data.template: the tokenizer {name!r} has no chat template; set data.template to one of "
+            + ", ".join(sorted(BUILTIN_TEMPLATES))
+            + ", or 'custom' with data.custom_template, or give a Jinja template in data.chat_template"
+        )
+    return own
