@@ -1,0 +1,151 @@
+"""Benchmark CLI: forward+backward time and peak memory of each linear cross-entropy, one table per device.
+
+    python -m ift_dist.kernels.bench                 # CPU table, then the CUDA table when a GPU is present
+    python -m ift_dist.kernels.bench --devices cuda --repeats 20
+
+Implementations side by side: ours (`fused_linear_cross_entropy`, automatic dispatch), plain torch
+(F.cross_entropy(hidden @ weight.T)), torch's own chunked F.linear_cross_entropy when the installed torch has it, and
+Liger-Kernel's fused linear cross-entropy (default bf16 accumulation, and with accum_dtype=fp32) when installed and on
+CUDA. How time and memory are measured: `measure.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import platform
+import subprocess
+from typing import NamedTuple
+
+import torch
+
+from .measure import IMPLS, Case, measure_here, measure_in_fresh_process
+
+
+class Shape(NamedTuple):
+    tokens: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    ignored: float  # fraction of labels set to the ignore index
+    repeats: int | None = None  # timed runs for this shape; None: the command line's --repeats
+
+
+CPU_GRID = [
+    Shape(2048, 512, 8000, "float32", 0.0),
+    Shape(2048, 512, 8000, "float32", 0.5),
+    # The memory goal's shape: ~35 s per forward+backward on one core, so it is timed once after the warm-up.
+    Shape(8192, 1024, 32000, "float32", 0.0, repeats=1),
+]
+CUDA_GRID = [
+    Shape(tokens, hidden_size, vocab_size, "bfloat16", ignored)
+    for tokens, hidden_size, vocab_size, ignored in itertools.product(
+        (8192, 32768), (2048, 4096), (32000, 128256, 151936), (0.0, 0.5)
+    )
+]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in output.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _cell(result: dict, key: str, baseline: dict | None, digits: int) -> tuple[str, str]:
+    if result["status"] != "ok":
+        return result["status"], ""
+    value = result[key]
+    ratio = ""
+    if baseline and baseline.get("status") == "ok" and baseline[key] > 0:
+        ratio = f"{value / baseline[key]:.3f}"
+    return f"{value:.{digits}f}", ratio
+
+
+def run_device(device: str, grid, impls, warmup: int, repeats: int, threads: int) -> list[str]:
+    """Measures every (shape, implementation) of the grid on `device`; returns the table as Markdown lines."""
+    lines = [
+        f"Device: {device_name(device)} ({device}, torch {torch.__version__}, {threads} thread(s))"
+        if device == "cpu"
+        else f"Device: {device_name(device)} ({device}, torch {torch.__version__})",
+        "",
+        "| N | H | V | dtype | ignored | impl | time ms | x torch | peak MiB | x torch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for tokens, hidden_size, vocab_size, dtype, ignored, shape_repeats in grid:
+        results = {}
+        for impl in impls:
+            case = Case(
+                tokens,
+                hidden_size,
+                vocab_size,
+                dtype,
+                ignored,
+                impl,
+                device,
+                warmup,
+                shape_repeats or repeats,
+                threads,
+            )
+            results[impl] = measure_in_fresh_process(case) if device == "cpu" else measure_here(case)
+        for impl in impls:
+            time_ms, time_ratio = _cell(results[impl], "time_ms", results.get("torch"), 1)
+            peak, peak_ratio = _cell(results[impl], "peak_mib", results.get("torch"), 1)
+            line = (
+                f"| {tokens} | {hidden_size} | {vocab_size} | {dtype} | {ignored:.0%} | {impl} "
+                f"| {time_ms} | {time_ratio} | {peak} | {peak_ratio} |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if present"
+    )
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--warmup", type=int, help="runs before timing (default: 1 on CPU, 3 on CUDA)")
+    parser.add_argument(
+        "--repeats", type=int, help="timed runs, median reported (default: 3 on CPU, 10 on CUDA)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per measurement")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        metavar="N,H,V,DTYPE,IGNORED",
+        help="measure this shape instead of the device's default grid (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    custom_grid = None
+    if args.shape:
+        custom_grid = []
+        for text in args.shape:
+            tokens, hidden_size, vocab_size, dtype, ignored = text.split(",")
+            custom_grid.append(Shape(int(tokens), int(hidden_size), int(vocab_size), dtype, float(ignored)))
+    print(f"# fused linear cross-entropy benchmark, {datetime.date.today().isoformat()}")
+    print(
+        "# time: median of forward+backward; peak: memory above inputs and outputs (see kernels/measure.py)"
+    )
+    for device in devices:
+        grid = custom_grid or (CPU_GRID if device == "cpu" else CUDA_GRID)
+        warmup = args.warmup or (1 if device == "cpu" else 3)
+        repeats = args.repeats or (3 if device == "cpu" else 10)
+        print()
+        run_device(device, grid, args.impls, warmup, repeats, args.threads)
+
+
+if __name__ == "__main__":
+    main()

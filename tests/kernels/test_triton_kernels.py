@@ -1,0 +1,160 @@
+"""The Triton kernels on CPU: run through Triton's interpreter in fp32 on small odd shapes against the reference, and
+compiled ahead of time for Hopper and Ampere so a GPU session does not discover a compile error.
+
+CPU tensors with impl="triton" go through the interpreter without TRITON_INTERPRET being set (triton_logits wraps
+its kernels itself), so nothing leaks into the other tests of the same process; one test also runs the classic way,
+TRITON_INTERPRET=1 in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from lce_cases import DENSITIES, OPTION_SETS, assert_matches, loss_and_grads, make_problem, ours, reference
+
+# N = 3 x 47 tokens, H = 31, V = 123: nothing is a power of two. A 16-row budget gives 9 row chunks (the last partial)
+# and 10-13 vocabulary chunks, so every offset and mask path of the kernels runs.
+BATCH, TIME, HIDDEN, VOCAB = 3, 47, 31, 123
+CHUNK_ELEMENTS = 16 * VOCAB
+
+
+def _compare(density, reduction, options, weight_grad_pass):
+    hidden, weight, bias, labels = make_problem(
+        BATCH, TIME, HIDDEN, VOCAB, density, bias=options.get("bias", False)
+    )
+    fused = ours("triton", weight_grad_pass=weight_grad_pass, chunk_elements=CHUNK_ELEMENTS)
+    actual = loss_and_grads(fused, hidden, weight, bias, labels, reduction, options)
+    expected = loss_and_grads(reference, hidden, weight, bias, labels, reduction, options)
+    assert_matches(actual, expected)
+    return actual
+
+
+@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("density", DENSITIES)
+def test_interpreted_kernels_match_reference(density, reduction, weight_grad_pass):
+    loss, _, grads = _compare(density, reduction, OPTION_SETS["everything"], weight_grad_pass)
+    if density == "all":
+        assert (loss == 0).all() and all((gradient == 0).all() for gradient in grads)
+
+
+@pytest.mark.parametrize("option_set", sorted(OPTION_SETS))
+def test_interpreted_kernels_each_option(option_set):
+    _compare("half", "sum", OPTION_SETS[option_set], "vocab")
+
+
+def test_environment_variable_interpreter_in_subprocess():
+    """TRITON_INTERPRET=1 set before triton is imported (so @triton.jit itself interprets) gives the same result."""
+    code = textwrap.dedent(
+        f"""
+        import torch
+        from lce_cases import OPTION_SETS, assert_matches, loss_and_grads, make_problem, ours, reference
+        hidden, weight, bias, labels = make_problem({BATCH}, {TIME}, {HIDDEN}, {VOCAB}, "half", bias=True)
+        options = OPTION_SETS["everything"]
+        actual = loss_and_grads(ours("triton", chunk_elements={CHUNK_ELEMENTS}), hidden, weight, bias, labels,
+                                "mean", options)
+        assert_matches(actual, loss_and_grads(reference, hidden, weight, bias, labels, "mean", options))
+        import triton.runtime.interpreter as interpreter
+        from ift_dist.kernels import triton_logits
+        assert isinstance(triton_logits._row_loss_kernel, interpreter.InterpretedFunction)
+        print("ok")
+        """
+    )
+    environment = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=os.path.dirname(__file__),
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().endswith("ok")
+
+
+def test_interpreter_does_not_leak_into_this_process():
+    import triton
+
+    from ift_dist.kernels import triton_logits
+
+    before = os.environ.get("TRITON_INTERPRET")
+    hidden, weight, _, labels = make_problem(1, 5, 4, 9, "none")
+    ours("triton")(hidden, weight, labels).backward()
+    assert os.environ.get("TRITON_INTERPRET") == before
+    if before in (None, "", "0"):
+        # The module's kernels stay compiled-GPU kernels; only private twins were interpreted.
+        assert isinstance(triton_logits._row_loss_kernel, triton.runtime.JITFunction)
+        assert isinstance(triton_logits._dlogits_kernel, triton.runtime.JITFunction)
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_gpu(capability, dtype):
+    """Full compile (Triton IR -> PTX -> cubin with the bundled ptxas) without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ift_dist.kernels import triton_logits
+
+    scalars = {"target_weight": "fp32", "smoothing_per_class": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+    row_signature = {
+        "logits_ptr": f"*{dtype}",
+        "stride_row": "i32",
+        "labels_ptr": "*i64",
+        "scale_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "loss_ptr": "*fp32",
+        "z_loss_ptr": "*fp32",
+        "vocab_size": "i32",
+        **scalars,
+        "HAS_SOFTCAP": "constexpr",
+        "COMPUTE_GRAD": "constexpr",
+        "BLOCK_V": "constexpr",
+    }
+    dlogits_signature = {
+        "logits_ptr": f"*{dtype}",
+        "stride_row": "i32",
+        "n_rows": "i32",
+        "n_columns": "i32",
+        "col_start": "i32",
+        "labels_ptr": "*i64",
+        "scale_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        **scalars,
+        "HAS_SOFTCAP": "constexpr",
+        "BLOCK_R": "constexpr",
+        "BLOCK_C": "constexpr",
+    }
+    target = GPUTarget("cuda", capability, 32)
+    sources = [
+        (
+            triton_logits._row_loss_kernel,
+            row_signature,
+            {"HAS_SOFTCAP": True, "COMPUTE_GRAD": True, "BLOCK_V": 4096},
+        ),
+        (
+            triton_logits._dlogits_kernel,
+            dlogits_signature,
+            {"HAS_SOFTCAP": True, "BLOCK_R": 16, "BLOCK_C": 256},
+        ),
+    ]
+    for kernel, signature, constexprs in sources:
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target
+        )
+        assert len(compiled.asm["cubin"]) > 1000
+
+
+def test_triton_forced_on_cpu_runs_interpreter_and_matches_torch_path():
+    hidden, weight, _, labels = make_problem(2, 9, 8, 37, "half")
+    with torch.no_grad():
+        triton_loss = ours("triton")(hidden, weight, labels, reduction="none")
+        torch_loss = ours("torch")(hidden, weight, labels, reduction="none")
+    torch.testing.assert_close(triton_loss, torch_loss)
