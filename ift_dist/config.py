@@ -169,7 +169,9 @@ class DataConfig:
         if self.template == "custom" and self.custom_template is None:
             raise ConfigError(f"{key}.custom_template: required when {key}.template is 'custom'")
         if self.chat_template is not None and self.template != "tokenizer":
-            raise ConfigError(f"{key}.chat_template: only with {key}.template 'tokenizer', got {self.template!r}")
+            raise ConfigError(
+                f"{key}.chat_template: only with {key}.template 'tokenizer', got {self.template!r}"
+            )
         # Imported here: templates.py imports this module (TemplateSpec). Compiling a custom template now reports
         # a bad placeholder at load time, naming its field.
         from ift_dist.data.templates import BUILTIN_TEMPLATES, compile_template
@@ -379,7 +381,9 @@ def _apply_override(merged: Any, item: str) -> None:
 _ABSENT = object()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = Config) -> Any:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, schema: type = Config
+) -> Any:
     """YAML file (optional) + CLI dotlist overrides (``data.max_length=4096``) -> validated dataclass."""
     try:
         merged = OmegaConf.structured(schema)

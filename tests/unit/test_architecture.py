@@ -11,7 +11,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = {"ift_dist": REPO / "ift_dist", "ift_dist.kernels": REPO / "kernels", "ift_dist.launcher": REPO / "launcher"}
+PACKAGE_DIRS = {
+    "ift_dist": REPO / "ift_dist",
+    "ift_dist.kernels": REPO / "kernels",
+    "ift_dist.launcher": REPO / "launcher",
+}
 
 
 def python_files():
