@@ -135,6 +135,11 @@ class DataConfig:
     # Extra variables for the chat template, e.g. {enable_thinking: false} for reasoning templates whose generation
     # prompt otherwise opens a <think> block that the training replies lack. Pass the same ones at inference.
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Tool calls with a chat template that does not render them (SmolLM2's, Phi-3's render `content` only):
+    # "text" writes each call into the reply as the JSON object {"name": ..., "arguments": ...} and the tool schemas
+    # into the system prompt (or the first user message when the template ignores system messages), so tool data
+    # still trains; "drop" drops such samples (reason template_drops_tool_calls). Inference must use the same text.
+    tool_fallback: str = "text"
     # Which tokens carry loss: "assistant" = every assistant turn, "last_assistant" = the final one only,
     # "all" = prompts too. End-of-turn markers of supervised turns are always supervised.
     supervise: str = "assistant"
@@ -180,6 +185,7 @@ class DataConfig:
         if self.template == "custom":
             compile_template(self.custom_template, f"{key}.custom_template")
         _check_choice(f"{key}.supervise", self.supervise, ("assistant", "last_assistant", "all"))
+        _check_choice(f"{key}.tool_fallback", self.tool_fallback, ("text", "drop"))
         _check_choice(f"{key}.overlong", self.overlong, ("drop", "truncate"))
         _check_choice(f"{key}.on_bad_record", self.on_bad_record, ("skip", "error"))
         if self.max_length < 8:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ift_dist.config import DataConfig
+from ift_dist.data import tool_text
 from ift_dist.data.templates import end_of_turn_marker, resolve_chat_template, template_spec
 from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, RenderedSample
 
@@ -90,6 +91,8 @@ class Renderer:
         # Longest first, so "<|endoftext|>" is not mistaken for a shorter token that ends it.
         self._markers = sorted((marker for marker in markers if marker), key=len, reverse=True)
         self.stats: Counter[str] = Counter()
+        # What the template renders of tool calls, tool schemas and system messages (data.tool_fallback).
+        self._abilities = tool_text.probe(self._apply)
 
     # ----------------------------------------------------------------------------------------- public
 
@@ -117,6 +120,10 @@ class Renderer:
         # Messages after the last reply carry no loss: they would only take room.
         messages = messages[: assistant_turns[-1] + 1]
         tools = conversation.tools
+        if self.cfg.tool_fallback == "text" and (
+            tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        ):
+            messages, tools = tool_text.as_text(messages, tools, self._abilities)
 
         text = self._apply(messages, tools)
         ids, offsets = self._tokenize(text)

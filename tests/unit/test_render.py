@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from ift_dist.config import ConfigError, DataConfig, SourceConfig
 from ift_dist.data.render import Renderer, load_tokenizer, round_trip_errors, supervised_turns
 from ift_dist.data.sources import open_source
+from ift_dist.data.tool_text import TOOL_RESULT_HEADER, TOOLS_HEADER
 from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -149,9 +150,27 @@ def test_tool_calls_equal_apply_chat_template_and_round_trip(tokenizers, name, m
     assert '"city": "Paris"' in reply and ('"city": "Zürich"' in reply) == multiple_calls
 
 
+def test_tool_fallback_writes_calls_schemas_and_results_as_text(tokenizers):
+    # SmolLM2's template renders only `content`: the call, the schemas and the result are written as text.
+    tokenizer = tokenizers("smollm2-135m-instruct")
+    renderer = Renderer(tokenizer, DataConfig())
+    conversation = tool_chat(False)
+    sample = renderer.render(conversation)
+    assert isinstance(sample, RenderedSample), sample
+    assert round_trip_errors(sample, conversation, tokenizer, "assistant") == []
+    text = tokenizer.decode(sample.input_ids)
+    assert TOOLS_HEADER in text and '"name": "get_weather"' in text
+    call_reply = supervised_turns(sample, tokenizer)[0][0]
+    assert call_reply.strip() == '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    # Phi-3 renders user and assistant turns only: the tool result becomes a user turn, not lost.
+    phi3 = tokenizers("phi-3-mini-4k-instruct")
+    phi3_sample = Renderer(phi3, DataConfig()).render(conversation)
+    assert TOOL_RESULT_HEADER in phi3.decode(phi3_sample.input_ids)
+
+
 def test_template_that_ignores_tool_calls_drops_the_sample(tokenizers):
-    # SmolLM2's template renders only `content`: a tool-call turn would teach the model to answer nothing.
-    renderer = Renderer(tokenizers("smollm2-135m-instruct"), DataConfig())
+    # With data.tool_fallback: drop, a tool-call turn that would render empty is dropped and counted.
+    renderer = Renderer(tokenizers("smollm2-135m-instruct"), DataConfig(tool_fallback="drop"))
     result = renderer.render(tool_chat(False))
     assert isinstance(result, Dropped) and result.reason == "template_drops_tool_calls"
     assert "message 2" in result.detail and "get_weather" in result.detail
@@ -172,14 +191,15 @@ def shared_conversations(shared_dir) -> list[Conversation]:
     ]
 
 
-# Templates that cannot render tool calls (SmolLM2's and Phi-3's render `content` only) drop those records.
+# Templates that cannot render tool calls (SmolLM2's and Phi-3's render `content` only) get them as text
+# (data.tool_fallback: text), so no record is dropped; the round trip then sees the calls as JSON replies.
 @pytest.mark.parametrize(
     ("name", "template", "drops_tool_calls"),
     [
-        ("smollm2-135m-instruct", "tokenizer", True),
+        ("smollm2-135m-instruct", "tokenizer", False),
         ("qwen2.5-instruct", "tokenizer", False),
         ("llama-3.1-instruct", "tokenizer", False),
-        ("phi-3-mini-4k-instruct", "tokenizer", True),
+        ("phi-3-mini-4k-instruct", "tokenizer", False),
         ("gpt2", "alpaca", False),
     ],
 )

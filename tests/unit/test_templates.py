@@ -17,6 +17,7 @@ from ift_dist.data.templates import (
     end_of_turn_marker,
     resolve_chat_template,
 )
+from ift_dist.data.tool_text import as_text
 from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 
 STANFORD_WITH_INPUT = (
@@ -331,10 +332,10 @@ REAL_TEMPLATES = {
         "qwen2.5-instruct",
         ("<bos>", "<start_of_turn>", "<end_of_turn>"),
         {"bos": "<bos>"},
-        {"single": "ok", "system_multi": "template_error", "multi": "ok", "tools": "template_error"},
+        {"single": "ok", "system_multi": "template_error", "multi": "ok", "tools": "ok"},
         "",
     ),
-    # Mistral puts the system prompt into the last user turn, and wants 9-character tool-call ids.
+    # Mistral puts the system prompt and the tool list into the last user turn: not prefix-stable.
     "mistralai-Mistral-Nemo-Instruct-2407": (
         "qwen2.5-instruct",
         MISTRAL_TOKENS,
@@ -343,7 +344,7 @@ REAL_TEMPLATES = {
             "single": "ok",
             "system_multi": "template_not_prefix_stable",
             "multi": "ok",
-            "tools": "template_error",
+            "tools": "template_not_prefix_stable",
         },
         "",
     ),
@@ -375,18 +376,18 @@ REAL_TEMPLATES = {
         "phi-3-mini-4k-instruct",
         (),
         {},
-        {**OK, "tools": "template_drops_tool_calls"},
+        OK,  # tool calls written as text (data.tool_fallback)
         "",
     ),
     "ibm-granite-granite-3.3-2B-Instruct": (
         "qwen2.5-instruct",
         GRANITE_TOKENS,
         {"eos": "<|end_of_text|>"},
-        {**OK, "tools": "template_drops_tool_calls"},
+        OK,  # tool calls written as text (data.tool_fallback)
         "",
     ),
     "ibm-granite-granite-4.0": ("qwen2.5-instruct", GRANITE_TOKENS, {"eos": "<|end_of_text|>"}, OK, ""),
-    # The tool_use variant needs tools; after a tool result it renders the prompt differently than the reply.
+    # The tool_use variant needs tools (fails without); its tool calls and results go through the text fallback.
     "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": (
         "llama-3.1-instruct",
         ("<|im_start|>", "<|im_end|>"),
@@ -395,7 +396,7 @@ REAL_TEMPLATES = {
             "single": "template_error",
             "system_multi": "template_error",
             "multi": "template_error",
-            "tools": "template_not_prefix_stable",
+            "tools": "ok",  # calls and results as text (data.tool_fallback)
         },
         "",
     ),
@@ -403,7 +404,7 @@ REAL_TEMPLATES = {
         "smollm2-135m-instruct",
         (),
         {},
-        {**OK, "tools": "template_drops_tool_calls"},
+        OK,  # tool calls written as text (data.tool_fallback)
         "",
     ),
     # GLM ends a reply with no token of its own (the next role tag stops generation): reply only, counted.
@@ -523,10 +524,9 @@ def test_real_template_masks_or_reports(tokenizers, real_templates, name):
             assert isinstance(result, Dropped) and result.reason == outcomes[kind], (kind, result)
             continue
         assert isinstance(result, RenderedSample), (kind, result)
-        messages = [message.to_dict() for message in chat.messages]
-        reference = tokenizer.apply_chat_template(
-            messages, tools=chat.tools, chat_template=template, **kwargs
-        )
+        # What the template cannot render of tools is written as text first (data.tool_fallback: text).
+        messages, tools = as_text([m.to_dict() for m in chat.messages], chat.tools, renderer._abilities)
+        reference = tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, **kwargs)
         assert result.input_ids == reference["input_ids"]
         replies = [message for message in chat.messages if message.role == "assistant"]
         turns = supervised_turns(result, tokenizer)
@@ -599,3 +599,14 @@ def test_chat_template_kwargs_reach_the_template(tokenizers):
     cfg.chat_template = "{% for m in messages %}{{ m.role + ('!' if enable_thinking else ':') + m.content + '\\n' }}{% endfor %}"
     sample = Renderer(qwen, cfg).render(conversation([Message("user", "hi"), Message("assistant", "yo")]))
     assert qwen.decode(sample.input_ids) == "user:hi\nassistant:yo\n"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["microsoft-Phi-3.5-mini-instruct", "ibm-granite-granite-3.3-2B-Instruct", "HuggingFaceTB-SmolLM3-3B"],
+)
+def test_tool_fallback_drop_reports_templates_that_cannot_render_tool_calls(tokenizers, real_templates, name):
+    tokenizer = tokenizer_for(tokenizers, name)
+    config = DataConfig(chat_template=real_templates[name]["template"], tool_fallback="drop")
+    result = Renderer(tokenizer, config).render(KIND_CHATS["tools"])
+    assert isinstance(result, Dropped) and result.reason == "template_drops_tool_calls"
