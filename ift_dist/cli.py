@@ -44,7 +44,38 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument(
         "--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color"
     )
+
+    train = commands.add_parser(
+        "train", help="train on this machine: runs `deepspeed --module ift_dist.train CONFIG ...`"
+    )
+    _add_config_args(train)
+    train.add_argument(
+        "--num-gpus",
+        type=int,
+        help="ranks on this machine (default: every GPU; without CUDA one per NUMA node)",
+    )
+    train.add_argument("--master-port", type=int, help="rendezvous port (default: DeepSpeed's, 29500)")
+
+    from ift_dist.launcher.command import add_arguments as add_launch_arguments  # torch-free
+
+    launch = commands.add_parser(
+        "launch", help="train here, on a hostfile's machines or as a Slurm job (--slurm); docs/launch.md"
+    )
+    add_launch_arguments(launch)
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    """One machine: the deepspeed launcher of this interpreter, spawning `python -m ift_dist.train` per rank."""
+    import subprocess
+
+    command = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if args.num_gpus is not None:
+        command += ["--num_gpus", str(args.num_gpus)]
+    if args.master_port is not None:
+        command += ["--master_port", str(args.master_port)]
+    command += ["--module", "ift_dist.train", args.config, *args.overrides]
+    return subprocess.call(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             from ift_dist.data import commands
 
             return commands.run(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "launch":
+            from ift_dist.launcher.command import run as launch
+
+            return launch(args)
     except ConfigError as error:
         print(f"ift: config error: {error}", file=sys.stderr)
         return 2

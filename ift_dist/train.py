@@ -1,0 +1,293 @@
+"""Full-parameter SFT under DeepSpeed ZeRO-3, read top to bottom: build, loop, close.
+
+    deepspeed [--num_gpus N | --hostfile H] --module ift_dist.train CONFIG.yaml [key=value ...]
+    ift train CONFIG.yaml [key=value ...] [--num-gpus N]          (one machine; wraps the line above)
+    python -m ift_dist.train CONFIG.yaml [key=value ...]          (one process, no launcher)
+
+Without CUDA it trains on the CPU (DeepSpeed's CPU accelerator, gloo). Exit codes (ift_dist.exit_codes): 0 done,
+1 an error, 2 config error, 3 too many non-finite steps in a row. docs/training.md explains the batch arithmetic,
+the loss normalisation and every logged metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ift_dist import dist, exit_codes
+from ift_dist import engine as engine_lib
+from ift_dist.attention import packed_forward_kwargs
+from ift_dist.config import Config, ConfigError, load_config, save_config, to_dict
+from ift_dist.data.inspect import format_sample
+from ift_dist.data.loader import build_loader, scan_sources
+from ift_dist.data.render import Renderer, load_tokenizer
+from ift_dist.data.report import tokenizer_path
+from ift_dist.data.types import IGNORE_INDEX, PackedBatch, RenderedSample
+from ift_dist.loss import CausalLMLoss, deepspeed_backward_loss
+from ift_dist.metrics import RunLogger, flops_model, memory_gb, peak_flops
+from ift_dist.model import load_model, resolve_dtype
+from ift_dist.optim import batch_plan, learning_rate, parameter_groups, set_learning_rate
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyBadSteps(RuntimeError):
+    """train.max_bad_steps optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ift_dist.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="run config YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # from the deepspeed launcher
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    dist.set_single_process_defaults()
+    dist.setup_logging(args.verbose)
+    try:
+        return train(load_config(args.config, args.overrides))
+    except ConfigError as error:
+        logger.error("config error: %s", error)
+        return exit_codes.CONFIG_ERROR
+    except TooManyBadSteps as error:
+        logger.error("%s", error)
+        return exit_codes.TOO_MANY_BAD_STEPS
+    finally:
+        dist.shutdown()
+
+
+def train(cfg: Config) -> int:
+    # ================================================================================================ build
+    # Config errors first, before any rank waits for the others (the launcher's environment gives the world size).
+    rank, world_size, device = dist.rank(), dist.world_size(), dist.device()
+    plan = batch_plan(cfg.train, cfg.data.max_length, world_size)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    zero = engine_lib.load_zero_config(cfg.train.zero_config)
+    ds_config = engine_lib.build_config(zero, plan, cfg.train, dtype)
+    engine_lib.init_distributed()
+    dist.seed_everything(cfg.seed)
+    zero3 = engine_lib.hf_zero3_config(ds_config)  # alive until the end: zero.Init loading, synced generate
+    logger.info("%s", plan.describe())
+    output_dir = Path(cfg.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    renderer = Renderer(tokenizer, cfg.data)
+    scanned = None if cfg.data.prepared else scan_sources(cfg.data.sources, cfg.data.on_bad_record)
+    shards = {"rank": rank, "world_size": world_size, "renderer": renderer}
+    train_loader = build_loader(
+        cfg.data, tokenizer, rows_per_batch=plan.micro_batch_rows, split="train", scanned=scanned, **shards
+    )
+    eval_loader = None
+    if cfg.data.eval_sources or cfg.data.eval_fraction > 0:
+        eval_scanned = None if cfg.data.eval_sources else scanned
+        eval_rows = cfg.train.eval_batch_rows or plan.micro_batch_rows
+        eval_loader = build_loader(
+            cfg.data, tokenizer, rows_per_batch=eval_rows, split="eval", scanned=eval_scanned, **shards
+        )
+
+    model, backend = load_model(cfg.model, device=device, training=True)
+    model.train()  # load_model leaves it in eval()
+    module = CausalLMLoss(model, cfg.train.loss)
+    groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
+    optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
+    engine = engine_lib.initialize(module, optimizer, ds_config)
+    flops, peak = flops_model(model), peak_flops(device, cfg.tracking.peak_tflops)
+
+    start_step = 0  # the checkpoint/resume machinery sets this (and restores engine + loader) later
+    log = RunLogger(
+        output_dir,
+        enabled=rank == 0,
+        max_steps=cfg.train.max_steps,
+        start_step=start_step,
+        wandb=cfg.tracking.wandb,
+        resolved_config=to_dict(cfg),
+    )
+    if cfg.train.sample_prompts:
+        log.samples(start_step, "before", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
+
+    # ================================================================================================ loop
+    batches = iter(train_loader)
+    bad_in_a_row = 0
+    step = start_step
+    while step < cfg.train.max_steps:
+        started = time.perf_counter()
+        lr = learning_rate(step, cfg.train)
+        set_learning_rate(engine.optimizer, lr)
+        micro_batches = [next(batches) for _ in range(plan.accumulation_steps)]
+        if step == 0 and rank == 0:
+            log.message(first_sample_text(micro_batches[0], tokenizer))
+        # The loss is divided by the supervised tokens of the whole step, so they are counted before any backward.
+        lengths = [length for batch in micro_batches for row in batch.seq_lens for length in row]
+        local = [
+            sum(batch.num_loss_tokens for batch in micro_batches),
+            sum(lengths),
+            sum(batch.input_ids.shape[0] for batch in micro_batches),
+            len(lengths),
+            flops.flops(lengths),
+        ]
+        step_tokens, tokens, rows, samples, step_flops = dist.all_reduce(local)
+
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in micro_batches:
+            kwargs = packed_forward_kwargs(batch, backend, device=device)
+            micro_loss = engine(labels=batch.labels.to(device), **kwargs)
+            backward_loss = deepspeed_backward_loss(
+                micro_loss, int(step_tokens), world_size, plan.accumulation_steps
+            )
+            result = engine_lib.backward_step(engine, backward_loss)
+            loss_sum += micro_loss.detach().double()
+        if result is None:
+            raise RuntimeError("DeepSpeed did not reach its accumulation boundary at the end of the step")
+        step += 1
+        loss = dist.all_reduce([loss_sum.item()])[0] / max(step_tokens, 1)
+        seconds = time.perf_counter() - started
+
+        skipped = not result.applied or not math.isfinite(loss) or not math.isfinite(result.grad_norm)
+        log.step(
+            {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "skipped": skipped,
+                "tokens": int(tokens),
+                "supervised_tokens": int(step_tokens),
+                "samples": int(samples),
+                "rows": int(rows),
+                "packing_efficiency": tokens / (rows * cfg.data.max_length),
+                "tokens_per_second": tokens / seconds,
+                "mfu": step_flops / (seconds * world_size * peak) if peak else None,
+                "memory_gb": memory_gb(device),
+                "step_seconds": seconds,
+                "epoch": train_loader.report()["epoch"],
+            }
+        )
+        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        if skipped:
+            logger.warning("step %d skipped: loss %s, gradient norm %s", step, loss, result.grad_norm)
+        failure = None
+        if skipped and result.applied:
+            failure = f"step {step}: the loss is {loss} but DeepSpeed applied the update; the weights may be corrupt"
+        elif bad_in_a_row >= cfg.train.max_bad_steps:
+            failure = (
+                f"{bad_in_a_row} optimizer steps in a row (up to step {step}) had a non-finite loss or gradient "
+                f"norm and were skipped (train.max_bad_steps={cfg.train.max_bad_steps}); stopping. Lower "
+                "train.learning_rate, check the data, or use bfloat16 instead of float16"
+            )
+        if failure is not None:
+            log.close()  # metrics.jsonl and the W&B run end with the failed step
+            raise TooManyBadSteps(failure)
+        every = cfg.train.eval_every
+        if eval_loader is not None and every and step % every == 0 and step < cfg.train.max_steps:
+            log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))  # the last step: below
+
+    # ================================================================================================ close
+    if eval_loader is not None:
+        log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
+    if cfg.train.sample_prompts:
+        log.samples(step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
+    if cfg.train.save_at_end:
+        path = engine_lib.save(engine, output_dir / "checkpoints", f"step-{step}", {"step": step})
+        log.message(f"saved {path}")
+    log.close()
+    del zero3
+    return exit_codes.OK
+
+
+def evaluate(
+    engine: Any, loader: Any, backend: str, device: torch.device, step: int, tokenizer: Any
+) -> dict[str, Any]:
+    """Token-weighted loss over the whole eval split, all ranks: sum of token losses / supervised tokens.
+
+    Under ZeRO-3 every forward gathers parameters from all ranks, so ranks whose split is used up keep running
+    forwards on an idle one-token batch (no supervised token) until every rank is done."""
+    engine.eval()
+    loss_sum, supervised = 0.0, 0
+    batches = iter(loader)
+    with torch.no_grad():
+        while True:
+            batch = next(batches, None)
+            if not dist.any_rank(batch is not None):
+                break
+            if batch is None:
+                batch = idle_batch(tokenizer)
+            kwargs = packed_forward_kwargs(batch, backend, device=device)
+            loss_sum += float(engine(labels=batch.labels.to(device), **kwargs))
+            supervised += batch.num_loss_tokens
+    engine.train()
+    total, tokens = dist.all_reduce([loss_sum, supervised])
+    eval_loss = total / max(tokens, 1)
+    return {
+        "step": step,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 700.0)),
+        "eval_tokens": int(tokens),
+    }
+
+
+def idle_batch(tokenizer: Any) -> PackedBatch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    ids = torch.full((1, 1), int(pad), dtype=torch.long)
+    return PackedBatch(ids, torch.full_like(ids, IGNORE_INDEX), torch.zeros_like(ids), [[1]], [[]])
+
+
+def first_sample_text(batch: PackedBatch, tokenizer: Any) -> str:
+    """The first packed sample of the first batch, supervised tokens marked: what the model is trained on."""
+    length = batch.seq_lens[0][0]
+    ref = batch.refs[0][0] if batch.refs and batch.refs[0] else None
+    sample = RenderedSample(batch.input_ids[0, :length].tolist(), batch.labels[0, :length].tolist(), ref)
+    return "first training sample:\n" + format_sample(sample, tokenizer, color=sys.stderr.isatty())
+
+
+def answer_prompts(
+    model: Any, tokenizer: Any, renderer: Renderer, cfg: Config, backend: str, device: torch.device
+) -> list[tuple[str, str]]:
+    """Greedy answers to train.sample_prompts through the run's chat template. Every rank generates (under ZeRO-3 each
+    forward gathers the layers from all ranks; transformers keeps the ranks in step), rank 0 reports."""
+    from ift_dist.attention import enable_packed_attention
+
+    was_training = model.training
+    model.eval()
+    model.set_attn_implementation("sdpa")  # generation runs unpacked
+    answers = []
+    for prompt in cfg.train.sample_prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            chat_template=renderer.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+            **cfg.data.chat_template_kwargs,
+        )
+        inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_new_tokens=cfg.train.sample_max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.eos_token_id
+                if tokenizer.pad_token_id is None
+                else tokenizer.pad_token_id,
+                synced_gpus=dist.world_size() > 1,
+            )
+        new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        answers.append((prompt, tokenizer.decode(new_tokens, skip_special_tokens=True).strip()))
+    enable_packed_attention(model, backend)
+    model.train(was_training)
+    return answers
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Runs DeepSpeed's launcher as a child process and stands between it and the signals: a stop signal (SIGUSR1 or
+SIGTERM) reaches the training processes as SIGUSR1, the child's exit code comes back, and one rank's log file is
+copied to our stdout while it grows.
+
+Why SIGUSR1 and not the signal itself: DeepSpeed's per-node launcher (deepspeed.launcher.launch) answers SIGTERM
+and SIGINT by killing its ranks (SIGTERM, then SIGKILL after 30 s), and SIGUSR1's default action would kill it. The
+child is therefore started with SIGUSR1 ignored (an ignored signal stays ignored across exec, so DeepSpeed's runner
+and launcher ignore it too) and the ranks, which install their own handler, are the only ones that act on it:
+save a checkpoint at the next step boundary, exit with exit_codes.REQUEUE. A second SIGTERM is a hard stop: SIGTERM
+to every process of the run. Ctrl-C reaches every process of the terminal's group by itself and is not forwarded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ift_dist import exit_codes
+
+logger = logging.getLogger(__name__)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), from /proc; [] where /proc is missing."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # /proc/PID/stat: "pid (comm) state ppid ...", where comm may itself contain spaces and parentheses
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Send `signum` to `pid` and all its descendants (the launcher, its ranks and anything they started)."""
+    for target in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signum)
+
+
+def _ignore_stop_signal() -> None:
+    signal.signal(exit_codes.STOP_SIGNAL, signal.SIG_IGN)
+
+
+class _LogFollower(threading.Thread):
+    """Copies the newest `*_rank{rank}.log` that DeepSpeed writes under `log_dir` (created after `since`) to our
+    stdout, so the console (or the Slurm output file) shows rank 0 while every rank keeps its own file."""
+
+    def __init__(self, log_dir: Path, rank: int, since: float) -> None:
+        super().__init__(daemon=True, name="follow-rank-log")
+        self.log_dir, self.pattern, self.since = log_dir, f"*_rank{rank}.log", since
+        self.stopped = threading.Event()
+
+    def _current(self) -> Path | None:
+        files = [path for path in self.log_dir.glob(self.pattern) if path.stat().st_mtime >= self.since - 1]
+        return max(files, key=lambda path: path.stat().st_mtime, default=None)
+
+    def run(self) -> None:
+        path, offset = None, 0
+        while True:
+            stopping = (
+                self.stopped.is_set()
+            )  # read before the last copy, so nothing written before stop is lost
+            path = path or self._current()
+            if path is not None:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read()
+                offset += len(chunk)
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+            if stopping:
+                return
+            self.stopped.wait(0.5)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the training ended: its exit code (128 + N when killed by signal N) and whether a stop signal had reached
+    us before (then a non-zero code may be the consequence of that signal, not a failure of its own)."""
+
+    code: int
+    stopped: bool
+
+
+def run_training(
+    command: list[str],
+    environ: Mapping[str, str],
+    *,
+    follow_log_dir: Path | None = None,
+    follow_rank: int = 0,
+) -> Outcome:
+    """Run `command` (DeepSpeed's runner) with the stop-signal handling described above."""
+    started = time.time()
+    child = subprocess.Popen(command, env=dict(environ), preexec_fn=_ignore_stop_signal)
+    stops, terms = 0, 0
+
+    def on_stop(signum: int, _frame: object) -> None:
+        nonlocal stops, terms
+        stops += 1
+        terms += signum == signal.SIGTERM
+        name = signal.Signals(signum).name
+        if terms > 1:
+            logger.warning("%s again: stopping the training processes now (SIGTERM)", name)
+            signal_tree(child.pid, signal.SIGTERM)
+        else:
+            logger.warning("%s: asking the training processes to checkpoint and stop (SIGUSR1)", name)
+            signal_tree(child.pid, exit_codes.STOP_SIGNAL)
+
+    previous = {signum: signal.signal(signum, on_stop) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    previous[signal.SIGINT] = signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # the terminal signals the children
+    follower = None
+    if follow_log_dir is not None:
+        follower = _LogFollower(follow_log_dir, follow_rank, started)
+        follower.start()
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if follower is not None:
+            follower.stopped.set()
+            follower.join(timeout=5)
+    code = 128 - code if code < 0 else code
+    logger.info("training exited with %s", exit_codes.describe(code))
+    return Outcome(code, stopped=stops > 0)

@@ -1,0 +1,111 @@
+"""The DeepSpeed config: the JSON holds ZeRO knobs only (our keys refused, naming the key to use), the rest comes from
+our config, and DeepSpeed's own parser accepts the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed.runtime.config import DeepSpeedConfig
+
+from ift_dist.config import ConfigError, TrainConfig
+from ift_dist.engine import OWNED_KEYS, build_config, load_zero_config, offloads_optimizer
+from ift_dist.optim import batch_plan
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ds_zero3"
+
+
+def write(tmp_path, content) -> str:
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps(content) if not isinstance(content, str) else content)
+    return str(path)
+
+
+def test_shipped_files_hold_zero_knobs_only():
+    plain = load_zero_config(REPO_CONFIGS / "zero3.json")
+    offload = load_zero_config(REPO_CONFIGS / "zero3_offload.json")
+    assert set(plain) == set(offload) == {"zero_optimization"}
+    assert plain["zero_optimization"]["stage"] == offload["zero_optimization"]["stage"] == 3
+    assert not offloads_optimizer(plain) and offloads_optimizer(offload)
+    assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_no_file_means_plain_stage_3():
+    assert load_zero_config(None) == {"zero_optimization": {"stage": 3}}
+
+
+@pytest.mark.parametrize(
+    ("key", "ours"),
+    [
+        ("train_batch_size", "train.global_batch_rows"),
+        ("train_micro_batch_size_per_gpu", "train.micro_batch_rows"),
+        ("gradient_accumulation_steps", "train.global_batch_rows"),
+        ("gradient_clipping", "train.max_grad_norm"),
+        ("bf16", "model.dtype"),
+        ("fp16", "model.dtype"),
+        ("optimizer", "train.learning_rate"),
+        ("scheduler", "train.lr_schedule"),
+    ],
+)
+def test_a_key_we_own_is_refused_naming_ours(tmp_path, key, ours):
+    path = write(tmp_path, {"zero_optimization": {"stage": 3}, key: {"enabled": True}})
+    with pytest.raises(
+        ConfigError, match=rf"^train\.zero_config: .* sets '{key}', which ift-dist sets itself"
+    ) as e:
+        load_zero_config(path)
+    assert ours in str(e.value)
+    assert key in OWNED_KEYS
+
+
+def test_an_unknown_key_is_refused_listing_the_allowed(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"'flops_profiler', which is not a ZeRO knob; allowed: zero_optimization"
+    ):
+        load_zero_config(write(tmp_path, {"flops_profiler": {"enabled": True}}))
+
+
+def test_only_stage_3(tmp_path):
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=2; ift-dist trains with ZeRO stage 3"):
+        load_zero_config(write(tmp_path, {"zero_optimization": {"stage": 2}}))
+    assert load_zero_config(write(tmp_path, {"zero_optimization": {}}))["zero_optimization"]["stage"] == 3
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_zero_config(tmp_path / "absent.json")
+    with pytest.raises(ConfigError, match=r"is not valid JSON"):
+        load_zero_config(write(tmp_path, "{stage: 3"))
+    with pytest.raises(ConfigError, match=r"must hold a JSON object"):
+        load_zero_config(write(tmp_path, [1, 2]))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision"),
+    [
+        (torch.bfloat16, {"bf16": {"enabled": True}}),
+        (torch.float16, {"fp16": {"enabled": True, "loss_scale": 0}}),
+    ],
+)
+def test_precision_comes_from_the_model_dtype(dtype, precision):
+    plan = batch_plan(TrainConfig(global_batch_rows=8), 512, 2)
+    config = build_config(load_zero_config(None), plan, TrainConfig(), dtype)
+    assert {key: config[key] for key in precision} == precision
+    fp32 = build_config(load_zero_config(None), plan, TrainConfig(), torch.float32)
+    assert "bf16" not in fp32 and "fp16" not in fp32
+
+
+def test_batch_geometry_and_clipping_come_from_our_config_and_deepspeed_accepts_them():
+    train = TrainConfig(global_batch_tokens=6 * 512, micro_batch_rows=3, max_grad_norm=0.7)
+    plan = batch_plan(train, 512, 1)
+    zero = load_zero_config(REPO_CONFIGS / "zero3_offload.json")
+    before = json.dumps(zero)
+    config = build_config(zero, plan, train, torch.float32)
+    assert json.dumps(zero) == before  # the ZeRO knobs are copied, not written into
+    parsed = DeepSpeedConfig(config)  # world of one: 6 rows = 3 per micro batch x 2 accumulation steps
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu) == (6, 3)
+    assert parsed.gradient_accumulation_steps == 2
+    assert parsed.gradient_clipping == pytest.approx(0.7)
+    assert parsed.zero_optimization_stage == 3
+    assert parsed.zero_config.offload_optimizer.device == "cpu"
