@@ -77,7 +77,7 @@ def load_model(
         "loaded %s (%s, %.1fM parameters, %s, attention %s%s)",
         config.name_or_path,
         type(model).__name__,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,  # ds_numel under zero.Init
         dtype,
         backend,
         ", activation checkpointing" if config.gradient_checkpointing else "",

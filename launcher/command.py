@@ -62,13 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nproc",
         type=int,
-        help="ranks per machine (default: every visible GPU; 1 without GPUs, then on the CPU)",
+        help="ranks per machine or node (default: every GPU, or --gpus-per-node; without GPUs 1, on the CPU)",
     )
     parser.add_argument(
         "--master-port", type=int, help="rendezvous port (default: 29500 if free; Slurm: job id)"
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the exact command (Slurm: the script); run nothing"
+    )
+    parser.add_argument(
+        "--no-rank-logs", action="store_true", help="ranks print to the console instead of <output_dir>/logs/"
     )
     machines = parser.add_argument_group("several machines without Slurm (DeepSpeed hostfile)")
     machines.add_argument("--hostfile", help="DeepSpeed hostfile: one 'host slots=N' line per machine")
@@ -78,9 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --hostfile: start only this host's ranks, no ssh (run once per host)",
     )
     machines.add_argument("--master-addr", help="address of rank 0's host (default: DeepSpeed's choice)")
-    machines.add_argument(
-        "--no-rank-logs", action="store_true", help="ranks print to the console instead of <output_dir>/logs/"
-    )
     slurm = parser.add_argument_group("Slurm (sbatch)")
     slurm.add_argument("--slurm", action="store_true", help="render a batch script into <output_dir>/slurm/")
     slurm.add_argument(

@@ -56,8 +56,10 @@ def signal_tree(pid: int, signum: int) -> None:
             os.kill(target, signum)
 
 
-def _ignore_stop_signal() -> None:
+def _child_signals() -> None:
+    """In the child, before exec: the stop signal ignored (inherited through exec), Ctrl-C back to its default."""
     signal.signal(exit_codes.STOP_SIGNAL, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class _LogFollower(threading.Thread):
@@ -70,15 +72,18 @@ class _LogFollower(threading.Thread):
         self.stopped = threading.Event()
 
     def _current(self) -> Path | None:
-        files = [path for path in self.log_dir.glob(self.pattern) if path.stat().st_mtime >= self.since - 1]
-        return max(files, key=lambda path: path.stat().st_mtime, default=None)
+        newest, newest_time = None, self.since - 1
+        for path in self.log_dir.glob(self.pattern):
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                if path.stat().st_mtime >= newest_time:
+                    newest, newest_time = path, path.stat().st_mtime
+        return newest
 
     def run(self) -> None:
         path, offset = None, 0
         while True:
-            stopping = (
-                self.stopped.is_set()
-            )  # read before the last copy, so nothing written before stop is lost
+            # Read the flag before the last copy, so nothing written before the stop is lost.
+            stopping = self.stopped.is_set()
             path = path or self._current()
             if path is not None:
                 with path.open("rb") as handle:
@@ -111,13 +116,15 @@ def run_training(
 ) -> Outcome:
     """Run `command` (DeepSpeed's runner) with the stop-signal handling described above."""
     started = time.time()
-    child = subprocess.Popen(command, env=dict(environ), preexec_fn=_ignore_stop_signal)
+    child: subprocess.Popen | None = None
     stops, terms = 0, 0
 
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stops, terms
         stops += 1
         terms += signum == signal.SIGTERM
+        if child is None:
+            return  # arrived while starting: passed on right after the start, below
         name = signal.Signals(signum).name
         if terms > 1:
             logger.warning("%s again: stopping the training processes now (SIGTERM)", name)
@@ -126,15 +133,18 @@ def run_training(
             logger.warning("%s: asking the training processes to checkpoint and stop (SIGUSR1)", name)
             signal_tree(child.pid, exit_codes.STOP_SIGNAL)
 
+    # Handlers first, so that no stop signal can kill this process between the start and the handlers.
     previous = {signum: signal.signal(signum, on_stop) for signum in (signal.SIGUSR1, signal.SIGTERM)}
-    previous[signal.SIGINT] = signal.signal(
-        signal.SIGINT, signal.SIG_IGN
-    )  # the terminal signals the children
+    # Ctrl-C: the terminal signals every process of the group, the children included; we wait for their exit code.
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     follower = None
-    if follow_log_dir is not None:
-        follower = _LogFollower(follow_log_dir, follow_rank, started)
-        follower.start()
     try:
+        child = subprocess.Popen(command, env=dict(environ), preexec_fn=_child_signals)
+        if stops:
+            signal_tree(child.pid, exit_codes.STOP_SIGNAL)
+        if follow_log_dir is not None:
+            follower = _LogFollower(follow_log_dir, follow_rank, started)
+            follower.start()
         code = child.wait()
     finally:
         for signum, handler in previous.items():
