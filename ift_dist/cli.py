@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--master-port", type=int, help="rendezvous port (default: DeepSpeed's, 29500)")
 
+    export = commands.add_parser(
+        "export", help="write a Hugging Face model directory from a checkpoint; docs/checkpoints.md"
+    )
+    _add_export_arguments(export)
+
     from ift_dist.launcher.command import add_arguments as add_launch_arguments  # torch-free
 
     launch = commands.add_parser(
@@ -63,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_launch_arguments(launch)
     return parser
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint", help="a run directory (its `latest` checkpoint) or a step_<N> checkpoint"
+    )
+    parser.add_argument("out_dir", help="the Hugging Face model directory to write")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: the training dtype",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--no-verify", action="store_true", help="skip checking the files against the marker")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             return commands.run(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "export":
+            from ift_dist.export import run as export
+
+            return export(args)
         if args.command == "launch":
             from ift_dist.launcher.command import run as launch
 

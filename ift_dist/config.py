@@ -16,6 +16,9 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The checkpoint and export sections live in their own module (this one stays small); they validate with ours.
+from ift_dist.config_checkpoint import CheckpointConfig, ExportConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message starts with the dotted key."""
@@ -272,7 +275,8 @@ class TrainConfig:
     # DeepSpeed JSON holding ZeRO knobs only (configs/ds_zero3/); null = plain ZeRO stage 3. Batch sizes, clipping,
     # precision, optimizer and schedule come from this config; a JSON that sets them is rejected.
     zero_config: str | None = None
-    # Save a DeepSpeed checkpoint into <output_dir>/checkpoints/step-<N> when training ends.
+    # Save a checkpoint into <output_dir>/checkpoints/step_<N> when training ends (docs/checkpoints.md); the
+    # periodic and on-signal saves are set in the `checkpoint` section.
     save_at_end: bool = True
     # Prompts (user messages) answered greedily before and after training, through the run's chat template; printed
     # on rank 0 and written to <output_dir>/samples.jsonl.
@@ -351,12 +355,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
         self.tracking.validate("tracking")
+        self.checkpoint.validate("checkpoint")
+        self.export.validate("export")
         tokens = self.train.global_batch_tokens
         if tokens is not None and tokens % self.data.max_length:
             raise ConfigError(

@@ -1,5 +1,6 @@
 """The DeepSpeed door (the only module that imports deepspeed): process group, the DeepSpeed config (ZeRO knobs from
-the JSON + everything else from our config), ZeRO-3 model construction, initialize, backward/step, save.
+the JSON + everything else from our config), ZeRO-3 model construction, initialize, backward/step, and the ZeRO-3
+shards of checkpoints: save, load, universal conversion, fp32 weights (ift_dist/checkpoint.py does the rest).
 
 The DeepSpeed JSON (train.zero_config, configs/ds_zero3/) may hold ZeRO knobs only. Batch sizes, clipping, precision,
 optimizer and schedule are ift-dist's: a JSON that sets one of them is refused, naming our key to use instead, so a
@@ -8,9 +9,15 @@ run never has two sources of truth. Without CUDA everything runs on DeepSpeed's 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +175,119 @@ def backward_step(engine: Any, loss: torch.Tensor) -> StepResult | None:
     return StepResult(applied=engine.skipped_steps == skipped, grad_norm=norm)
 
 
-def save(engine: Any, directory: str | Path, tag: str, client_state: dict[str, Any] | None = None) -> Path:
-    """A DeepSpeed checkpoint (sharded model + optimizer states) in directory/tag; every rank must call it."""
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state or {})
-    return Path(directory) / tag
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+class ShardSaveError(RuntimeError):
+    """This rank could not write its part of a DeepSpeed checkpoint (disk full, permission denied, ...)."""
+
+
+def allow_universal_load(ds_config: dict[str, Any]) -> None:
+    """Make the engine built from `ds_config` load universal checkpoints (`convert_to_universal`): the way to
+    resume ZeRO-3 shards written by another number of ranks. Call before `initialize`."""
+    ds_config["checkpoint"] = {"load_universal": True}
+
+
+def shard_files(engine: Any, directory: str | Path, tag: str) -> list[Path]:
+    """The files DeepSpeed writes for this rank into directory/tag: its model states and its ZeRO partition of the
+    optimizer states. DeepSpeed's own naming functions, so a renamed layout fails the checkpoint tests."""
+    return [
+        Path(engine._get_ckpt_name(str(directory), tag)),
+        Path(engine._get_zero_ckpt_name(str(directory), tag)),
+    ]
+
+
+def save_shards(engine: Any, directory: str | Path, tag: str) -> list[Path]:
+    """This rank's ZeRO-3 shards (model and optimizer states) into directory/tag, which must exist; every rank must
+    call it. Returns the files this rank wrote; raises ShardSaveError when a write failed.
+
+    DeepSpeed 0.19's save_checkpoint is: partition, barrier, tag check (all-reduce), this rank's writes, all-gather
+    of the persistent parameters (checkpoint_event_epilogue), barrier. A rank whose write raises skips the last two
+    and the others would wait for it forever; it runs them here before raising, so the ranks stay in step and every
+    rank can learn about the failure afterwards (checkpoint.save all-reduces it)."""
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state={}, save_latest=False)
+    except (OSError, RuntimeError) as error:
+        logger.error(
+            "rank could not write its DeepSpeed checkpoint files into %s/%s: %s", directory, tag, error
+        )
+        if hasattr(engine.optimizer, "checkpoint_event_epilogue"):
+            engine.optimizer.checkpoint_event_epilogue()
+        deepspeed.comm.barrier()
+        free = shutil.disk_usage(directory).free / 2**30
+        raise ShardSaveError(f"{type(error).__name__}: {error} ({free:.1f} GiB free there)") from error
+    return shard_files(engine, directory, tag)
+
+
+def load_shards(engine: Any, directory: str | Path, tag: str, *, universal: bool) -> None:
+    """Weights and optimizer states from directory/tag into the engine (every rank). `universal`: a universal
+    checkpoint (another world size); the engine must have been built with `allow_universal_load`."""
+    groups = [
+        {key: value for key, value in group.items() if key != "params"}
+        for group in engine.optimizer.param_groups
+    ]
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {Path(directory) / tag}")
+    if universal:
+        _repair_universal_load(engine, groups)
+
+
+def _repair_universal_load(engine: Any, groups: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed 0.19's universal ZeRO-3 load with more than one parameter group
+    (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3; multi-group universal loading was fixed only in part
+    upstream, deepspeedai/DeepSpeed#7585). Without this, the resumed run drifts from the uninterrupted one
+    (tests/dist/test_checkpoint_world_size.py catches both):
+    - it copies the hyperparameters of the first group into every group: the norms and biases would get the weight
+      decay of the matrices (optim.parameter_groups). Ours are put back.
+    - it gives every group's AdamW state one and the same `step` tensor, which torch's AdamW increments in place
+      once per group and step: every group but one would count steps twice as fast (wrong bias correction). Each
+      state gets its own copy."""
+    for group, saved in zip(engine.optimizer.param_groups, groups, strict=True):
+        group.update(saved)
+    for state in engine.optimizer.optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def convert_to_universal(checkpoint_dir: Path, output_dir: Path, log_path: Path) -> None:
+    """DeepSpeed's universal checkpoint of the ZeRO-3 shards in checkpoint_dir (one file per parameter and state,
+    loadable by any number of ranks), written to output_dir. Runs `deepspeed.checkpoint.ds_to_universal` in a
+    process of its own (it forks workers, which a process holding a process group or CUDA must not do); its output
+    goes to log_path. One rank calls it."""
+    workers = max(1, min(4, os.cpu_count() or 1))
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(checkpoint_dir),
+    ]
+    command += ["--output_folder", str(output_dir), "--num_extract_workers", str(workers)]
+    command += ["--num_merge_workers", str(max(1, workers // 2))]
+    with log_path.open("w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(
+            f"converting {checkpoint_dir} to a universal checkpoint failed ({log_path}):\n{tail}"
+        )
+
+
+def fp32_weights(checkpoint_dir: Path) -> dict[str, Any]:
+    """The fp32 weights of the ZeRO-3 checkpoint in checkpoint_dir, by the engine's parameter names, gathered one
+    parameter at a time: each value has .shape and .dtype, and .contiguous() assembles that parameter alone from the
+    ranks' (memory-mapped) partitions. Tied parameters share one value. DeepSpeed's zero_to_fp32, lazy mode."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    quiet = io.StringIO()
+    with (
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),
+    ):  # its progress messages and bars
+        return get_fp32_state_dict_from_zero_checkpoint(
+            str(checkpoint_dir.parent), tag=checkpoint_dir.name, lazy_mode=True
+        )

@@ -5,8 +5,9 @@
     python -m ift_dist.train CONFIG.yaml [key=value ...]          (one process, no launcher)
 
 Without CUDA it trains on the CPU (DeepSpeed's CPU accelerator, gloo). Exit codes (ift_dist.exit_codes): 0 done,
-1 an error, 2 config error, 3 too many non-finite steps in a row. docs/training.md explains the batch arithmetic,
-the loss normalisation and every logged metric.
+1 an error (a failed checkpoint save too), 2 config error, 3 too many non-finite steps in a row, 85 stopped by a
+signal or the deadline after saving a checkpoint: run the same command again to resume. docs/training.md explains
+the batch arithmetic, the loss normalisation and every logged metric; docs/checkpoints.md saving, resuming, export.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from typing import Any
 
 import torch
 
+from ift_dist import checkpoint as checkpoint_lib
 from ift_dist import dist, exit_codes
 from ift_dist import engine as engine_lib
+from ift_dist import export as export_lib
+from ift_dist import resume as resume_lib
 from ift_dist.attention import packed_forward_kwargs
 from ift_dist.config import Config, ConfigError, load_config, save_config, to_dict
 from ift_dist.data.inspect import format_sample
@@ -34,6 +38,7 @@ from ift_dist.loss import CausalLMLoss, deepspeed_backward_loss
 from ift_dist.metrics import RunLogger, flops_model, memory_gb, peak_flops
 from ift_dist.model import load_model, resolve_dtype
 from ift_dist.optim import batch_plan, learning_rate, parameter_groups, set_learning_rate
+from ift_dist.save_policy import SavePolicy, StopSignals, resolve_deadline
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except TooManyBadSteps as error:
         logger.error("%s", error)
         return exit_codes.TOO_MANY_BAD_STEPS
+    except checkpoint_lib.CheckpointError as error:
+        logger.error("%s", error)
+        return exit_codes.FAILED
     finally:
         dist.shutdown()
 
@@ -73,11 +81,20 @@ def train(cfg: Config) -> int:
     dtype = resolve_dtype(cfg.model.dtype, device)
     zero = engine_lib.load_zero_config(cfg.train.zero_config)
     ds_config = engine_lib.build_config(zero, plan, cfg.train, dtype)
+    deadline = resolve_deadline(cfg.checkpoint.deadline)
     engine_lib.init_distributed()
     dist.seed_everything(cfg.seed)
+    signals = StopSignals()
+    signals.install()  # from now on SIGTERM/SIGUSR1 mean: save at the next step boundary, exit REQUEUE
+    output_dir = Path(cfg.output_dir)
+    resume = resume_lib.find_resume(cfg.checkpoint.resume, output_dir, checksums=cfg.checkpoint.checksums)
+    if resume is not None:
+        resume_lib.check_config(resume, cfg)
+        if resume.world_size != world_size:  # the ZeRO-3 shards are re-cut through a universal checkpoint
+            resume_lib.prepare_universal(resume)
+            engine_lib.allow_universal_load(ds_config)
     zero3 = engine_lib.hf_zero3_config(ds_config)  # alive until the end: zero.Init loading, synced generate
     logger.info("%s", plan.describe())
-    output_dir = Path(cfg.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -99,28 +116,37 @@ def train(cfg: Config) -> int:
 
     model, backend = load_model(cfg.model, device=device, training=True)
     model.train()  # load_model leaves it in eval()
+    model_files = output_dir / checkpoint_lib.MODEL_FILES  # for the export; every checkpoint copies them
+    if rank == 0:
+        export_lib.save_model_files(model_files, model, tokenizer, renderer.chat_template)
     module = CausalLMLoss(model, cfg.train.loss)
     groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
     optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
     engine = engine_lib.initialize(module, optimizer, ds_config)
     flops, peak = flops_model(model), peak_flops(device, cfg.tracking.peak_tflops)
 
-    start_step = 0  # the checkpoint/resume machinery sets this (and restores engine + loader) later
+    progress = resume_lib.Progress()  # steps done, tokens seen, ...
+    if resume is not None:
+        progress = resume_lib.restore(engine, resume, train_loader, seed=cfg.seed)
+        if rank == 0:
+            resume_lib.truncate_metrics(output_dir / "metrics.jsonl", progress.step)
     log = RunLogger(
         output_dir,
         enabled=rank == 0,
         max_steps=cfg.train.max_steps,
-        start_step=start_step,
+        start_step=progress.step,
         wandb=cfg.tracking.wandb,
         resolved_config=to_dict(cfg),
     )
-    if cfg.train.sample_prompts:
-        log.samples(start_step, "before", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
+    if cfg.train.sample_prompts and progress.step == 0:
+        log.samples(0, "before", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
+    policy = SavePolicy(cfg.checkpoint, cfg.train.max_steps, signals, deadline)
 
     # ================================================================================================ loop
     batches = iter(train_loader)
-    bad_in_a_row = 0
-    step = start_step
+    step = progress.step
+    saved_step = progress.step if resume is not None else None  # the step of the newest checkpoint
+    stopped = None  # why the loop stopped early
     while step < cfg.train.max_steps:
         started = time.perf_counter()
         lr = learning_rate(step, cfg.train)
@@ -150,11 +176,12 @@ def train(cfg: Config) -> int:
             loss_sum += micro_loss.detach().double()
         if result is None:
             raise RuntimeError("DeepSpeed did not reach its accumulation boundary at the end of the step")
-        step += 1
         loss = dist.all_reduce([loss_sum.item()])[0] / max(step_tokens, 1)
         seconds = time.perf_counter() - started
 
         skipped = not result.applied or not math.isfinite(loss) or not math.isfinite(result.grad_norm)
+        progress.update(int(tokens), int(step_tokens), int(samples), skipped)
+        step = progress.step
         log.step(
             {
                 "step": step,
@@ -174,7 +201,7 @@ def train(cfg: Config) -> int:
                 "epoch": train_loader.report()["epoch"],
             }
         )
-        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+        bad_in_a_row = progress.bad_in_a_row
         if skipped:
             logger.warning("step %d skipped: loss %s, gradient norm %s", step, loss, result.grad_norm)
         failure = None
@@ -192,18 +219,79 @@ def train(cfg: Config) -> int:
         every = cfg.train.eval_every
         if eval_loader is not None and every and step % every == 0 and step < cfg.train.max_steps:
             log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))  # the last step: below
+        decision = policy.decide(step, seconds)  # every rank: the same answer
+        if decision.save:
+            saved = save_checkpoint(engine, cfg, progress, train_loader, log, policy, decision.reason)
+            saved_step = step if saved else saved_step
+        if decision.stop:
+            stopped = decision.reason
+            break
 
     # ================================================================================================ close
+    if stopped is not None:
+        log.message(f"stopped after step {step}: {stopped}; run the same command again to resume")
+        log.close()
+        del zero3
+        return exit_codes.REQUEUE
     if eval_loader is not None:
         log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
     if cfg.train.sample_prompts:
         log.samples(step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
-    if cfg.train.save_at_end:
-        path = engine_lib.save(engine, output_dir / "checkpoints", f"step-{step}", {"step": step})
-        log.message(f"saved {path}")
+    if cfg.train.save_at_end and saved_step != step:
+        saved = save_checkpoint(engine, cfg, progress, train_loader, log, policy, "end of training")
+        saved_step = step if saved else saved_step
+    del zero3  # models built from now on (the export's meta-device skeleton) are not partitioned
+    if cfg.export.at_end and rank == 0:
+        if saved_step == step:
+            log.message(f"exported {export_final(cfg, step)}")
+        else:
+            logger.warning("export.at_end: no checkpoint of the final step (train.save_at_end is off)")
     log.close()
-    del zero3
     return exit_codes.OK
+
+
+def export_final(cfg: Config, step: int) -> Path:
+    """The Hugging Face model of the final checkpoint (rank 0; the other ranks are done)."""
+    output_dir = Path(cfg.output_dir)
+    return export_lib.export_checkpoint(
+        output_dir / "checkpoints" / f"step_{step}",
+        Path(cfg.export.dir) if cfg.export.dir else output_dir / "hf_model",
+        dtype=cfg.export.dtype,
+        max_shard_size=cfg.export.max_shard_size,
+        check=False,  # just written
+        overwrite=True,
+    )
+
+
+def save_checkpoint(
+    engine: Any, cfg: Config, progress: Any, loader: Any, log: RunLogger, policy: SavePolicy, reason: str
+) -> Path | None:
+    """A checkpoint of this step (every rank). A failed save raises (checkpoint.on_save_error=stop) or is logged,
+    and training goes on (continue); either way the previous checkpoints are untouched."""
+    started = time.perf_counter()
+    state = resume_lib.train_state(
+        progress, cfg, epoch=loader.report()["epoch"], wandb_run_id=getattr(log.run, "id", None)
+    )
+    try:
+        path = checkpoint_lib.save(
+            engine,
+            Path(cfg.output_dir) / "checkpoints",
+            state=state,
+            rank_state={"loader": loader.state_dict(), "rng": resume_lib.rng_state()},
+            model_files=Path(cfg.output_dir) / checkpoint_lib.MODEL_FILES,
+            checksums=cfg.checkpoint.checksums,
+            keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every,
+        )
+    except checkpoint_lib.CheckpointError as error:
+        if cfg.checkpoint.on_save_error == "stop":
+            raise
+        logger.error("%s; training goes on (checkpoint.on_save_error=continue)", error)
+        return None
+    seconds = time.perf_counter() - started
+    policy.saved(seconds)
+    log.message(f"saved {path} ({reason}) in {seconds:.1f} s")
+    return path
 
 
 def evaluate(

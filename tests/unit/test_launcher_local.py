@@ -136,7 +136,8 @@ def test_busy_default_port_is_replaced():
 
 
 def test_dry_run_prints_the_command_and_starts_nothing(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    # No GPU and no inherited accelerator choice: the launcher itself must pick the CPU accelerator.
+    env = {**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "CUDA_VISIBLE_DEVICES": ""}
     command = [str(Path(sys.executable).with_name("ift")), "launch", CONFIG, f"output_dir={tmp_path}/run"]
     result = subprocess.run(
         [*command, "--nproc=2", "--master-port=29611", "--dry-run"],

@@ -1,0 +1,225 @@
+"""A Hugging Face model directory from a checkpoint, written one parameter at a time: safetensors files cut by size,
+config, generation config, and the tokenizer with the chat template used in training.
+
+    ift export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16] [--max-shard-size 5GB]
+
+The weights are DeepSpeed's fp32 master weights (ZeRO-3 shards of every rank), assembled one parameter at a time
+from the memory-mapped shards (engine.fp32_weights) and written shard file by shard file, so the export never holds
+more than one output file's worth of tensors. Everything else comes from the checkpoint's model_files/, written by
+`save_model_files` when training starts. Training exports by itself at the end (export.at_end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ift_dist import engine as engine_lib
+from ift_dist.checkpoint import LATEST, MODEL_FILES, TRAIN_STATE, step_of, verify
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METADATA_FILES = ("config.json", "generation_config.json")
+PROVENANCE = "ift_export.json"
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5 * 10**9 bytes ('5GiB' -> 5 * 2**30); a bare number is bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    return int(number * factors[unit])
+
+
+def save_model_files(directory: Path, model: Any, tokenizer: Any, chat_template: str | None) -> None:
+    """What an export needs besides the weights (rank 0, when training starts; every checkpoint copies it): the
+    model's config (as for inference: KV cache on, the stock attention), its generation config, and the tokenizer
+    carrying the chat template training rendered with (Renderer.chat_template), so inference formats prompts the same
+    way."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    config._attn_implementation = (
+        None  # training's packed-attention function is registered in our process only
+    )
+    config.save_pretrained(directory)
+    generation = copy.deepcopy(getattr(model, "generation_config", None))
+    if generation is None:
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig.from_model_config(config)
+    generation.use_cache = True
+    generation.save_pretrained(directory)
+    previous = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.chat_template = previous
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step_<N> directory as given, else the checkpoint `latest` names in a run or checkpoints directory."""
+    path = Path(path)
+    if step_of(path) is not None:
+        return path
+    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not (checkpoints / LATEST).is_file():
+        raise FileNotFoundError(
+            f"{path}: neither a step_<N> checkpoint nor a directory with checkpoints/{LATEST}"
+        )
+    return checkpoints / (checkpoints / LATEST).read_text().strip()
+
+
+def skeleton_names(config: Any, trust_remote_code: bool = False) -> tuple[dict[str, torch.Size], set[str]]:
+    """({name: shape} of the HF model's state dict, names that are tied to an earlier one): what the export must
+    write. The model is built on the meta device, so this costs no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    seen: set[int] = set()
+    tied = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            tied.add(name)
+        seen.add(id(parameter))
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}, tied
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Names in order, cut into files of at most max_bytes (a bigger tensor gets a file of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "auto",
+    max_shard_size: str = "5GB",
+    check: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write the HF model directory of `checkpoint` (a step_<N> directory) to out_dir; returns out_dir.
+    dtype: "auto" = the training dtype, or float32/bfloat16/float16. check: verify the checkpoint's files against its
+    completion marker first. overwrite: replace an existing out_dir (else it must not exist or be empty)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if check and (problems := verify(checkpoint)):
+        raise ValueError(f"checkpoint {checkpoint} is not complete or intact: {'; '.join(problems)}")
+    files = checkpoint / MODEL_FILES
+    if not files.is_dir():
+        raise FileNotFoundError(f"{files} is missing: the checkpoint was not written by ift-dist's trainer")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    state = json.loads((checkpoint / TRAIN_STATE).read_text())
+    trust_remote_code = bool(state["config"]["model"].get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(files, trust_remote_code=trust_remote_code)
+    target = DTYPES[dtype] if dtype != "auto" else _config_dtype(config)
+
+    shapes, tied = skeleton_names(config, trust_remote_code)
+    weights = {
+        name.removeprefix("model."): value for name, value in engine_lib.fp32_weights(checkpoint).items()
+    }
+    names = [name for name in shapes if name not in tied]
+    missing = [name for name in names if name not in weights]
+    wrong = [f"{n}: {tuple(weights[n].shape)} != {tuple(shapes[n])}" for n in names if n not in missing and
+             tuple(weights[n].shape) != tuple(shapes[n])]  # fmt: skip
+    if missing or wrong:
+        raise ValueError(
+            f"checkpoint {checkpoint} does not fit its model config: missing {missing}, shapes {wrong}"
+        )
+
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    sizes = {name: shapes[name].numel() * _itemsize(weights[name], target) for name in names}
+    shards = plan_shards(sizes, parse_size(max_shard_size))
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file_name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        )
+        tensors = {name: _materialise(weights[name], target) for name in shard}  # this file's tensors only
+        save_file(tensors, str(partial / file_name), metadata={"format": "pt"})
+        (partial / file_name).chmod(0o644)  # safetensors creates it readable by its owner only
+        weight_map.update(dict.fromkeys(shard, file_name))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for path in files.iterdir():
+        if path.is_file():
+            shutil.copy2(path, partial / path.name)
+    config.dtype = target  # the dtype the weights are stored in
+    config.save_pretrained(partial)
+    provenance = {"checkpoint": str(checkpoint.resolve()), "step": state["step"], "dtype": str(target)}
+    (partial / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    logger.info(
+        "exported %s (step %d) to %s: %d file(s), %s", checkpoint, state["step"], out_dir, len(shards), target
+    )
+    return out_dir
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, value) if isinstance(value, str) else value
+
+
+def _itemsize(value: Any, target: torch.dtype) -> int:
+    dtype = value.dtype if target is None or not value.dtype.is_floating_point else target
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _materialise(value: Any, target: torch.dtype) -> torch.Tensor:
+    tensor = value.contiguous()  # a lazy ZeRO-3 parameter is assembled here, alone
+    if tensor.dtype.is_floating_point:
+        tensor = tensor.to(target)
+    return tensor.contiguous()
+
+
+def run(args: argparse.Namespace) -> int:
+    """`ift export` (its arguments: ift_dist/cli.py). Exit code 1 with the reason when it cannot export."""
+    try:
+        checkpoint = resolve_checkpoint(Path(args.checkpoint))
+        export_checkpoint(
+            checkpoint,
+            Path(args.out_dir),
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            check=not args.no_verify,
+            overwrite=args.overwrite,
+        )
+    except (OSError, ValueError) as error:
+        print(f"ift export: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {checkpoint} to {args.out_dir}")
+    return 0

@@ -1,0 +1,59 @@
+"""The logits of a trained ZeRO-3 engine on one fixed batch, for the export test: every rank builds the engine of a
+run directory's config.yaml as the trainer does, loads the run's `latest` checkpoint into it, and runs the HF model
+(engine.module.model, its parameters gathered by ZeRO-3 layer by layer) on the tokens; rank 0 saves the logits.
+
+    deepspeed --num_gpus 2 tests/dist/engine_logits.py RUN_DIR OUT.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ift_dist import dist
+from ift_dist import engine as engine_lib
+from ift_dist.config import load_config
+from ift_dist.loss import CausalLMLoss
+from ift_dist.model import load_model, resolve_dtype
+from ift_dist.optim import batch_plan, parameter_groups
+
+# Token ids of the tiny model's vocabulary (SmolLM2's), a fixed "batch" of two rows.
+TOKENS = torch.tensor(
+    [
+        [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198],
+        [1, 4093, 198, 19556, 17, 30, 2, 198, 1, 520, 9531, 198],
+    ]
+)
+
+
+def main(run_dir: Path, out: Path) -> None:
+    dist.set_single_process_defaults()
+    cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+    device = dist.device()
+    plan = batch_plan(cfg.train, cfg.data.max_length, dist.world_size())
+    zero = engine_lib.load_zero_config(cfg.train.zero_config)
+    ds_config = engine_lib.build_config(zero, plan, cfg.train, resolve_dtype(cfg.model.dtype, device))
+    engine_lib.init_distributed()
+    zero3 = engine_lib.hf_zero3_config(ds_config)
+    model, _ = load_model(cfg.model, device=device, training=True)
+    module = CausalLMLoss(model, cfg.train.loss)
+    groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
+    optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
+    engine = engine_lib.initialize(module, optimizer, ds_config)
+    checkpoints = run_dir / "checkpoints"
+    engine_lib.load_shards(engine, checkpoints, (checkpoints / "latest").read_text().strip(), universal=False)
+    engine.eval()
+    model.set_attn_implementation("sdpa")  # plain causal rows, as the exported model runs them
+    with torch.no_grad():
+        logits = engine.module.model(input_ids=TOKENS.to(device)).logits.float().cpu()
+    if dist.rank() == 0:
+        torch.save({"tokens": TOKENS, "logits": logits}, out)
+    del zero3
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--local_rank")]
+    main(Path(arguments[0]), Path(arguments[1]))
