@@ -33,6 +33,7 @@ class Run:
     output_dir: Path
     returncode: int
     output: str
+    port: str = ""
 
     def records(self) -> list[dict[str, Any]]:
         lines = (self.output_dir / "metrics.jsonl").read_text().splitlines()
@@ -92,7 +93,7 @@ def launch(
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             pytest.fail(f"training hung for {timeout} s; every rank killed. Output:\n{log_path.read_text()}")
-    return Run(output_dir, process.returncode, log_path.read_text())
+    return Run(output_dir, process.returncode, log_path.read_text(), port)
 
 
 def check(run: Run) -> Run:

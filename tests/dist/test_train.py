@@ -104,3 +104,13 @@ def test_checkpoint_holds_the_trained_weights(main_run, tiny_model):
     assert weights.keys() >= {f"model.{name}" for name in initial}
     changed = [name for name in initial if not torch.equal(weights[f"model.{name}"], initial[name])]
     assert len(changed) == len(initial)  # every parameter trained (norm weights included)
+
+
+def test_no_shared_memory_segment_is_left_behind(main_run):
+    """DeepSpeed's CPU shared-memory allreduce never unlinks its 66 MB /dev/shm segment per rank; the engine unlinks
+    them once every rank has mapped them (engine._unlink_shm_allreduce_segment), or each run would leak them."""
+    from pathlib import Path
+
+    assert "deepspeed_shm_comm" in main_run.output or "shm" in main_run.output.lower()
+    leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{main_run.port}_*"))
+    assert leftovers == []
