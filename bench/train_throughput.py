@@ -16,11 +16,13 @@ The samples: ift-dist's own loader is run here first, per rank; each micro batch
 exactly the samples of the matching ift-dist micro batch (same token ids, same assistant-only labels), so every
 contender trains on the same real tokens per step and the per-step losses agree up to batching numerics.
 
-Measured per contender (bench/train_throughput_rank.py): real (non-padding) tokens per second over the steps after
-the warm-up, from the wall time between optimizer-step ends on rank 0; peak memory per rank (CPU: resident-set
+Measured per contender (bench/train_throughput_rank.py): real (non-padding) tokens per second, the median over the
+steps after the warm-up of every repeat, from the wall time between optimizer-step ends on rank 0, and the same per
+CPU-second of all ranks (robust to other jobs on a shared machine); peak memory per rank (CPU: resident-set
 high-water mark of each rank process, the whole run; CUDA: torch's peak allocation); MFU on GPUs (the FLOPs formula
 of ift_dist.metrics over the same samples, so it is the same for every contender). Printed as one table with ratios
-to hf_padded. The model is a random Llama with the tokenizer's vocabulary unless --model names one.
+to hf_padded. The model is a random Llama with the tokenizer's vocabulary unless --model names one. The work
+directory keeps the model, the batches, the logs and result.json; --report-only prints its table again.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="default: a new temporary directory (kept)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per contender run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the table of the run in --workdir again (same flags)",
+    )
     return parser.parse_args()
 
 
@@ -218,7 +225,8 @@ def free_port() -> int:
 def launch(contender: str, args: argparse.Namespace, workdir: Path, log: Path) -> None:
     """`deepspeed --num_gpus N bench/train_throughput_rank.py`; on a timeout the whole process group is killed."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    command = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(free_port())]
+    port = free_port()
+    command = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(port)]
     command += [
         str(REPO / "bench/train_throughput_rank.py"),
         "--contender",
@@ -240,6 +248,10 @@ def launch(contender: str, args: argparse.Namespace, workdir: Path, log: Path) -
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             code = "timeout"
+    # DeepSpeed's CPU shared-memory allreduce leaves a 66 MB segment per rank in /dev/shm, named after the port
+    # (ift-dist unlinks its own in engine.init_distributed; the Trainer contenders do not). The ranks are gone now.
+    for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        segment.unlink(missing_ok=True)
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"{contender} failed ({code}); log {log}:\n{tail}")
@@ -282,35 +294,30 @@ def device_name(gpu: bool) -> str:
 
 
 def print_table(runs: dict[str, list[dict]], steps: list[dict], args: argparse.Namespace, flops: Any) -> None:
-    """One markdown row per contender. "median step": the median of tokens/s over the timed steps of every run;
-    "best step": the fastest timed step. Every step holds about the same tokens, so on a machine shared with other
-    jobs (where a step can take several times its quiet duration) the best step is the quiet speed. "per CPU-s":
-    tokens per CPU-second of all ranks (median step), the work a step costs, which waiting for the CPU does not
-    inflate."""
+    """One markdown row per contender. "tokens/s": the median over the timed steps of every run of the step's real
+    tokens / its wall time. "tokens per CPU-s": the same over the CPU time of all ranks, the work a step costs: on a
+    machine shared with other jobs it is not inflated by waiting for a core, as wall time is."""
     from ift_dist.metrics import peak_flops
 
     first = args.warmup_steps
     peak = peak_flops(torch.device("cuda")) if on_gpu(args) else None
     step_flops = [flops.flops(step["lengths"]) for step in steps[first:]]
+
+    def per_step(results: list[dict], key: str) -> list[tuple[int, float]]:
+        return [(first + step, seconds) for result in results for step, seconds in enumerate(result[key])]
+
     summary = {}
     for contender, results in runs.items():
-        timed = [(step, seconds) for result in results for step, seconds in enumerate(result["step_seconds"])]
-        rates = [steps[first + step]["tokens"] / seconds for step, seconds in timed]
-        cpu = [
-            (step, seconds) for result in results for step, seconds in enumerate(result["step_cpu_seconds"])
-        ]
-        cpu_rate = statistics.median(steps[first + step]["tokens"] / seconds for step, seconds in cpu)
+        wall, cpu = per_step(results, "step_seconds"), per_step(results, "step_cpu_seconds")
         mfu = None
         if peak:
             mfu = statistics.median(
-                step_flops[step] / (seconds * args.ranks * peak) for step, seconds in timed
+                step_flops[k - first] / (seconds * args.ranks * peak) for k, seconds in wall
             )
-        memory = max(max(result["peak_memory_gb"]) for result in results)
         summary[contender] = (
-            statistics.median(rates),
-            max(rates),
-            cpu_rate,
-            memory,
+            statistics.median(steps[k]["tokens"] / seconds for k, seconds in wall),
+            statistics.median(steps[k]["tokens"] / seconds for k, seconds in cpu),
+            max(max(result["peak_memory_gb"]) for result in results),
             mfu,
             results[0]["losses"],
         )
@@ -320,19 +327,18 @@ def print_table(runs: dict[str, list[dict]], steps: list[dict], args: argparse.N
         return f"{value / base[index]:.2f}" if base else "-"
 
     print(
-        "| contender | tokens/s, median step | x HF padded | tokens/s, best step | x HF padded | tokens per CPU-s "
-        f"| x HF padded | peak memory / rank GiB | x HF padded | MFU | loss step 1 | loss step {args.steps} |"
+        "| contender | tokens/s | x HF padded | tokens per CPU-s | x HF padded | peak memory / rank GiB | x HF padded "
+        f"| MFU | loss step 1 | loss step {args.steps} |"
     )
-    print("|---|" + "---:|" * 12)
-    for contender, (median, best, cpu_rate, memory, mfu, losses) in summary.items():
+    print("|---|" + "---:|" * 9)
+    for contender, (rate, cpu_rate, memory, mfu, losses) in summary.items():
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
         first_loss, last_loss = (
             f"{loss:.4f}" if loss is not None else "?" for loss in (losses[0], losses[-1])
         )
         print(
-            f"| {NAMES[contender]} | {median:,.0f} | {ratio(median, 0)} | {best:,.0f} | {ratio(best, 1)} "
-            f"| {cpu_rate:,.0f} | {ratio(cpu_rate, 2)} | {memory:.2f} | {ratio(memory, 3)} | {mfu_text} "
-            f"| {first_loss} | {last_loss} |"
+            f"| {NAMES[contender]} | {rate:,.0f} | {ratio(rate, 0)} | {cpu_rate:,.0f} | {ratio(cpu_rate, 1)} "
+            f"| {memory:.2f} | {ratio(memory, 2)} | {mfu_text} | {first_loss} | {last_loss} |"
         )
     for contender, results in runs.items():
         losses = " ".join("?" if loss is None else f"{loss:.4f}" for loss in results[0]["losses"])
@@ -353,6 +359,15 @@ def main() -> int:
     from ift_dist.metrics import flops_model
 
     gpu = on_gpu(args)
+    if args.report_only:
+        if args.workdir is None:
+            raise SystemExit("--report-only needs the --workdir of a finished run")
+        setup = json.loads((args.workdir / "setup.json").read_text())
+        with torch.device("meta"):
+            flops = flops_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(setup["model"])))
+        runs = json.loads((args.workdir / "result.json").read_text())
+        print_table(runs, json.loads((args.workdir / "steps.json").read_text()), args, flops)
+        return 0
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ift-train-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -360,6 +375,7 @@ def main() -> int:
     config_path = write_ift_config(args, model, workdir)
     items, steps = the_batches(config_path, args, tokenizer)
     (workdir / "batches.json").write_text(json.dumps(items))
+    (workdir / "steps.json").write_text(json.dumps(steps))
     with torch.device("meta"):
         flops = flops_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
