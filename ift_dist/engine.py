@@ -139,9 +139,35 @@ def build_config(
 def hf_zero3_config(ds_config: dict[str, Any]) -> Any:
     """Keep the returned object alive for the whole run: while it lives, transformers' from_pretrained builds the
     model under deepspeed.zero.Init (each rank loads only its shards) and generate() keeps the ranks in step."""
-    from transformers.integrations import HfDeepSpeedConfig
+    import importlib.util
 
-    return HfDeepSpeedConfig(ds_config)
+    # transformers builds this on accelerate's DeepSpeed config; without accelerate it cannot partition the model
+    # while loading, and every rank would load it whole. Refuse rather than fall back.
+    if importlib.util.find_spec("accelerate") is None:
+        raise RuntimeError(
+            "ZeRO-3 model loading needs the `accelerate` package (transformers' DeepSpeed integration is built on "
+            "it); it is a dependency of ift-dist: reinstall it with `pip install ift-dist` or `pip install accelerate`"
+        )
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    config = HfDeepSpeedConfig(ds_config)
+    if not is_deepspeed_zero3_enabled():
+        raise RuntimeError(
+            "transformers did not register the ZeRO-3 config: from_pretrained would not partition"
+        )
+    return config
+
+
+def check_partitioned(model: torch.nn.Module) -> None:
+    """Raise unless from_pretrained built `model` under deepspeed.zero.Init (every parameter a ZeRO-3 shard): a model
+    loaded whole on every rank still trains, but needs world-size times the memory, so it is an error, not a mode."""
+    whole = [name for name, parameter in model.named_parameters() if not hasattr(parameter, "ds_id")]
+    if whole:
+        raise RuntimeError(
+            f"the model was loaded whole on this rank, not partitioned by ZeRO-3 ({len(whole)} parameters, e.g. "
+            f"{whole[0]}): transformers' DeepSpeed integration was not active while loading"
+        )
 
 
 def offloads_optimizer(ds_config: dict[str, Any]) -> bool:

@@ -96,7 +96,7 @@ class LinearLossHead(nn.Module):
         self.softcap = softcap
 
     def forward(self, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        from ift_dist.kernels import fused_linear_cross_entropy
+        from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(
             hidden_NH,

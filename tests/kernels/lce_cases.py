@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ift_dist.kernels import fused_linear_cross_entropy, reference_linear_cross_entropy
+from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from ift_dist.kernels.reference import reference_linear_cross_entropy
 
 IGNORE = -100
 

@@ -20,8 +20,7 @@ from lce_cases import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ift_dist.kernels import fused_linear_cross_entropy
-from ift_dist.kernels.linear_cross_entropy import resolve_backend
+from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy, resolve_backend
 from ift_dist.kernels.options import ChunkPlan, chunk_sizes
 
 # N = 3 x 333 tokens, H = 64, V = 3001: the default budget gives 3 row chunks and 3 vocabulary chunks.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lce_cases import IGNORE, make_problem
 
-from ift_dist.kernels import reference_linear_cross_entropy
+from ift_dist.kernels.reference import reference_linear_cross_entropy
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])

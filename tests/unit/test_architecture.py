@@ -21,7 +21,9 @@ PACKAGE_DIRS = {
 def python_files():
     for package, directory in PACKAGE_DIRS.items():
         for path in sorted(directory.rglob("*.py")):
-            yield package, path
+            # ift_dist/kernels and ift_dist/launcher are symlinks to the top-level folders, listed on their own
+            if not (directory / path.relative_to(directory).parts[0]).is_symlink():
+                yield package, path
 
 
 def imports_of(path: Path) -> list[tuple[str, bool]]:

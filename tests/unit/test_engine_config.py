@@ -10,6 +10,7 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
+from ift_dist import engine
 from ift_dist.config import ConfigError, TrainConfig
 from ift_dist.engine import OWNED_KEYS, build_config, load_zero_config, offloads_optimizer
 from ift_dist.optim import batch_plan
@@ -109,3 +110,21 @@ def test_batch_geometry_and_clipping_come_from_our_config_and_deepspeed_accepts_
     assert parsed.gradient_clipping == pytest.approx(0.7)
     assert parsed.zero_optimization_stage == 3
     assert parsed.zero_config.offload_optimizer.device == "cpu"
+
+
+def test_zero3_loading_without_accelerate_is_an_error(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a),
+    )
+    with pytest.raises(RuntimeError, match="accelerate"):
+        engine.hf_zero3_config({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+
+
+def test_a_model_loaded_whole_is_refused():
+    with pytest.raises(RuntimeError, match="loaded whole"):
+        engine.check_partitioned(torch.nn.Linear(2, 2))

@@ -1,1 +1,0 @@
-"""Turns a config and a cluster into processes (deepspeed / srun / sbatch). Never imports torch."""
