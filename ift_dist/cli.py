@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = data.add_parser("validate", help="check every record; list each bad one; exit 1 if any")
     _add_config_args(validate)
     validate.add_argument("--num-proc", type=int, default=1)
-    validate.add_argument("--max-listed", type=int, default=50, help="bad records listed per source")
+    validate.add_argument(
+        "--max-listed",
+        type=int,
+        default=50,
+        help="bad records listed per source and dropped samples per reason",
+    )
+    validate.add_argument(
+        "--json", action="store_true", help="print every bad record and dropped sample as one JSON object"
+    )
 
     stats = data.add_parser("stats", help="records, rejections, turns, lengths, supervision, drops, packing")
     _add_config_args(stats)
@@ -45,23 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color"
     )
 
+    from ift_dist.launcher.command import add_arguments as add_launch_arguments  # torch-free
+    from ift_dist.launcher.command import add_train_arguments
+
     train = commands.add_parser(
-        "train", help="train on this machine: runs `deepspeed --module ift_dist.train CONFIG ...`"
+        "train",
+        help="train on this machine: `ift launch` without hostfile or Slurm (config checked first); docs/launch.md",
     )
-    _add_config_args(train)
-    train.add_argument(
-        "--num-gpus",
-        type=int,
-        help="ranks on this machine (default: every GPU; without CUDA one per NUMA node)",
-    )
-    train.add_argument("--master-port", type=int, help="rendezvous port (default: DeepSpeed's, 29500)")
+    add_train_arguments(train)
 
     export = commands.add_parser(
         "export", help="write a Hugging Face model directory from a checkpoint; docs/checkpoints.md"
     )
     _add_export_arguments(export)
-
-    from ift_dist.launcher.command import add_arguments as add_launch_arguments  # torch-free
 
     launch = commands.add_parser(
         "launch", help="train here, on a hostfile's machines or as a Slurm job (--slurm); docs/launch.md"
@@ -86,19 +90,6 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip checking the files against the marker")
 
 
-def _train(args: argparse.Namespace) -> int:
-    """One machine: the deepspeed launcher of this interpreter, spawning `python -m ift_dist.train` per rank."""
-    import subprocess
-
-    command = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    if args.num_gpus is not None:
-        command += ["--num_gpus", str(args.num_gpus)]
-    if args.master_port is not None:
-        command += ["--master_port", str(args.master_port)]
-    command += ["--module", "ift_dist.train", args.config, *args.overrides]
-    return subprocess.call(command)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -112,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return commands.run(args)
         if args.command == "train":
-            return _train(args)
+            from ift_dist.launcher.command import run_local
+
+            return run_local(args, prog="ift train")
         if args.command == "export":
             from ift_dist.export import run as export
 

@@ -42,7 +42,7 @@ class SourceConfig:
     """One data set: a file, a glob, a directory of files or a `datasets.save_to_disk` directory."""
 
     # File (.json array, .jsonl, .parquet), glob ("data/*.jsonl"), directory of such files, or a directory written
-    # by `datasets.Dataset.save_to_disk`. Relative paths are relative to the working directory.
+    # by `datasets.Dataset.save_to_disk`. Relative paths resolve against the working directory, not the config's.
     path: str = MISSING
     # Name used in reports, the `sources` column of prepared shards and resume state. Default: the file stem.
     name: str | None = None
@@ -138,6 +138,11 @@ class DataConfig:
     # Extra variables for the chat template, e.g. {enable_thinking: false} for reasoning templates whose generation
     # prompt otherwise opens a <think> block that the training replies lack. Pass the same ones at inference.
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # System prompt of every conversation that has no system message (none in the record, no `system` of its
+    # source). It is written into the run's chat template, so the sample prompts and the exported tokenizer apply it
+    # too. null = the template decides: SmolLM2's, for one, injects "You are a helpful AI assistant named SmolLM,
+    # trained by Hugging Face"; "" = an empty system message, which keeps such a default out (docs/data.md).
+    system_prompt: str | None = None
     # Tool calls with a chat template that does not render them (SmolLM2's, Phi-3's render `content` only):
     # "text" writes each call into the reply as the JSON object {"name": ..., "arguments": ...} and the tool schemas
     # into the system prompt (or the first user message when the template ignores system messages), so tool data
@@ -375,20 +380,23 @@ class Config:
 
 def _format_omegaconf_error(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None)
-    message = getattr(error, "msg", None) or str(error).splitlines()[0]
+    message = (getattr(error, "msg", None) or str(error)).splitlines()[0]  # one line; OmegaConf adds details
     return f"{key}: {message}" if key else message
 
 
-def _apply_override(merged: Any, item: str) -> None:
+def _apply_override(merged: Any, item: str, schema: type) -> None:
     """One ``key=value`` from the command line. Keys may index lists: ``data.sources.0.weight=2`` or
     ``data.sources[0].weight=2``. The value is parsed as YAML (``true``, ``3``, ``[a, b]``, ``{k: v}``)."""
+    from ift_dist.config_check import schema_key  # imports this module
+
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value")
     key = re.sub(r"\[(\d+)\]", r".\1", key.strip())
+    shown = schema_key(key.split("."), schema, where=f" (from the command line override {item!r})")
     value = OmegaConf.create({"value": yaml.safe_load(raw) if raw.strip() else ""})["value"]
     if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
-        raise ConfigError(f"{key}: unknown key (from the command line override {item!r})")
+        raise ConfigError(f"{shown}: not in the config (from the command line override {item!r})")
     OmegaConf.update(merged, key, value, merge=True)
 
 
@@ -399,15 +407,19 @@ def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, schema: type = Config
 ) -> Any:
     """YAML file (optional) + CLI dotlist overrides (``data.max_length=4096``) -> validated dataclass."""
+    from ift_dist.config_check import check_keys  # imports this module
+
     try:
         merged = OmegaConf.structured(schema)
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            document = OmegaConf.load(path)
+            check_keys(OmegaConf.to_container(document), schema, where=f" (in {path})")
+            merged = OmegaConf.merge(merged, document)
         for item in overrides or []:
-            _apply_override(merged, item)
+            _apply_override(merged, item, schema)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         where = f" (in {path})" if path is not None else ""

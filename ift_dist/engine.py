@@ -69,14 +69,16 @@ def init_distributed() -> None:
 
 def _unlink_shm_allreduce_segment() -> None:
     """DeepSpeed's CPU shared-memory allreduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates a 66 MB /dev/shm
-    segment per rank, named deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>, and never unlinks it: every run
-    leaks them until the machine reboots (18 GB after a day of tests here, then the OOM killer). Each rank maps all
-    its peers' segments inside init_distributed; once every rank is past it (the barrier), the names can go. The
-    mappings stay valid until the processes exit, however they exit."""
+    segment per rank, named deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, and never unlinks it: every run
+    leaks them until the machine reboots (18 GB after a day of tests here, then the OOM killer). It does so whenever
+    all ranks are on one machine (LOCAL_SIZE == world size, set by DeepSpeed's launcher), one rank included. Each rank
+    maps all its peers' segments inside init_distributed; once every rank is past it (the barrier; nothing to wait
+    for with one rank), the names can go. The mappings stay valid until the processes exit, however they exit."""
     group = torch.distributed
-    if not group.is_initialized() or group.get_world_size() < 2:
+    if not group.is_initialized():
         return
-    group.barrier()
+    if group.get_world_size() > 1:
+        group.barrier()
     address, port = os.environ.get("MASTER_ADDR", "*"), os.environ.get("MASTER_PORT", "*")
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{address}_{port}_{group.get_rank()}"):
         path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from ift_dist import engine as engine_lib
 from ift_dist.checkpoint import LATEST, MODEL_FILES, TRAIN_STATE, step_of, verify
+from ift_dist.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +189,26 @@ def export_checkpoint(
         "exported %s (step %d) to %s: %d file(s), %s", checkpoint, state["step"], out_dir, len(shards), target
     )
     return out_dir
+
+
+def export_dir(cfg: Config) -> Path:
+    """Where training exports its final checkpoint (export.at_end): export.dir, else <output_dir>/hf_model."""
+    return Path(cfg.export.dir) if cfg.export.dir else Path(cfg.output_dir) / "hf_model"
+
+
+def chat_command(
+    model_dir: Path, prompt: str = "Who are you?", max_new_tokens: int = 64, python: str = "python"
+) -> str:
+    """A shell command that answers `prompt` with an exported model, greedily, through transformers' text-generation
+    pipeline: the exported tokenizer's chat template (the one training rendered with, data.system_prompt included)
+    formats the conversation. A run with data.chat_template_kwargs needs them passed as well."""
+    code = (
+        "from transformers import pipeline; "
+        f'chat = pipeline("text-generation", model={json.dumps(str(model_dir))}); '
+        f'messages = [{{"role": "user", "content": {json.dumps(prompt)}}}]; '
+        f'print(chat(messages, max_new_tokens={max_new_tokens}, do_sample=False)[0]["generated_text"][-1]["content"])'
+    )
+    return f"{python} -c {shlex.quote(code)}"
 
 
 def _config_dtype(config: Any) -> torch.dtype:

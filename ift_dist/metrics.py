@@ -191,13 +191,15 @@ class RunLogger:
         if not self.enabled:
             return
         self._write(record)
-        self.bar.update(record["step"] - self.bar.n)
+        # The numbers first, then the count: update() redraws the bar, which then shows this step with its own loss
+        # (the other order showed step N with the loss of step N - 1).
         self.bar.set_postfix(
             loss=f"{record['loss']:.4f}",
             lr=f"{record['lr']:.2e}",
             tok_s=f"{record['tokens_per_second']:.0f}",
             refresh=False,
         )
+        self.bar.update(record["step"] - self.bar.n)
         if self.run is not None:
             self.run.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
 

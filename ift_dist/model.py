@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,8 @@ def load_model(
         if local.is_dir() and not (local / config.gguf_file).is_file():
             raise FileNotFoundError(f"model.gguf_file: {local / config.gguf_file} does not exist")
         options["gguf_file"] = config.gguf_file
-    with init_context():
+    bars = gguf_progress_bar_follows_transformers() if config.gguf_file else contextlib.nullcontext()
+    with init_context(), bars:
         model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **options)
     if config.gguf_file:
         make_saveable(model)
@@ -83,6 +84,24 @@ def load_model(
         ", activation checkpointing" if config.gradient_checkpointing else "",
     )
     return model, backend
+
+
+@contextlib.contextmanager
+def gguf_progress_bar_follows_transformers() -> Iterator[None]:
+    """While loading, transformers' GGUF reader draws its "Converting and de-quantizing GGUF tensors..." bar with
+    transformers' own tqdm, which honours `transformers.utils.logging.disable_progress_bar()` (off on ranks other
+    than 0, `dist.setup_logging`). Upstream imports `tqdm.auto.tqdm` directly in modeling_gguf_pytorch_utils.py
+    (transformers 5.x), so that switch misses it and every rank draws the bar;
+    tests/unit/test_progress_bars.py fails once upstream uses its own tqdm, and this can go."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def make_saveable(model: Any) -> None:

@@ -1,7 +1,7 @@
 """Full-parameter SFT under DeepSpeed ZeRO-3, read top to bottom: build, loop, close.
 
     deepspeed [--num_gpus N | --hostfile H] --module ift_dist.train CONFIG.yaml [key=value ...]
-    ift train CONFIG.yaml [key=value ...] [--num-gpus N]          (one machine; wraps the line above)
+    ift train CONFIG.yaml [key=value ...] [--num-gpus N]          (one machine: checks the config, then the line above)
     python -m ift_dist.train CONFIG.yaml [key=value ...]          (one process, no launcher)
 
 Without CUDA it trains on the CPU (DeepSpeed's CPU accelerator, gloo). Exit codes (ift_dist.exit_codes): 0 done,
@@ -40,7 +40,7 @@ from ift_dist.model import load_model, resolve_dtype
 from ift_dist.optim import batch_plan, learning_rate, parameter_groups, set_learning_rate
 from ift_dist.save_policy import SavePolicy, StopSignals, resolve_deadline
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ift_dist.train")  # not __main__ under -m
 
 
 class TooManyBadSteps(RuntimeError):
@@ -58,19 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dist.set_single_process_defaults()
     dist.setup_logging(args.verbose)
+    code = exit_codes.FAILED
     try:
-        return train(load_config(args.config, args.overrides))
+        code = train(load_config(args.config, args.overrides))
     except ConfigError as error:
         logger.error("config error: %s", error)
-        return exit_codes.CONFIG_ERROR
+        code = exit_codes.CONFIG_ERROR
     except TooManyBadSteps as error:
         logger.error("%s", error)
-        return exit_codes.TOO_MANY_BAD_STEPS
+        code = exit_codes.TOO_MANY_BAD_STEPS
     except checkpoint_lib.CheckpointError as error:
         logger.error("%s", error)
-        return exit_codes.FAILED
+        code = exit_codes.FAILED
+    except Exception:
+        # Exit 1 with the traceback, as Python would, but through dist.exit_process like every other end.
+        logger.exception("training failed")
+        code = exit_codes.FAILED
     finally:
-        dist.shutdown()
+        # OK and REQUEUE: every rank got here at the same step, after the last collective (the save).
+        dist.shutdown(together=code in (exit_codes.OK, exit_codes.REQUEUE))
+    return code
 
 
 def train(cfg: Config) -> int:
@@ -99,8 +106,17 @@ def train(cfg: Config) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
 
+    # What happens before the first step takes a while (minutes for a big model): rank 0 says what it is doing.
+    logger.info("loading the tokenizer %s", tokenizer_path(cfg))
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     renderer = Renderer(tokenizer, cfg.data)
+    if cfg.data.prepared:
+        logger.info("reading the prepared data %s", cfg.data.prepared)
+    else:
+        logger.info(
+            "scanning the records of %d data sources (each record parsed and checked): %s",
+            len(cfg.data.sources), ", ".join(source.path for source in cfg.data.sources),
+        )  # fmt: skip
     scanned = None if cfg.data.prepared else scan_sources(cfg.data.sources, cfg.data.on_bad_record)
     shards = {"rank": rank, "world_size": world_size, "renderer": renderer}
     train_loader = build_loader(
@@ -114,7 +130,20 @@ def train(cfg: Config) -> int:
             cfg.data, tokenizer, rows_per_batch=eval_rows, split="eval", scanned=eval_scanned, **shards
         )
 
+    logger.info(
+        "loading the model %s%s (%s), partitioned over %d ranks by ZeRO-3 as it loads",
+        cfg.model.name_or_path, f" / {cfg.model.gguf_file} (de-quantized)" if cfg.model.gguf_file else "", dtype,
+        world_size,
+    )  # fmt: skip
     model, backend = load_model(cfg.model, device=device, training=True)
+    if (
+        cfg.model.gguf_file
+    ):  # transformers dequantizes GGUF outside zero.Init; deepspeed.initialize partitions it
+        logger.info(
+            "GGUF: loaded whole on every rank, then partitioned by ZeRO-3 (a Hugging Face directory is not)"
+        )
+    else:
+        engine_lib.check_partitioned(model)  # zero3 was alive while loading: each rank holds only its shard
     model.train()  # load_model leaves it in eval()
     model_files = output_dir / checkpoint_lib.MODEL_FILES  # for the export; every checkpoint copies them
     if rank == 0:
@@ -122,6 +151,9 @@ def train(cfg: Config) -> int:
     module = CausalLMLoss(model, cfg.train.loss)
     groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
     optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
+    logger.info(
+        "starting DeepSpeed ZeRO-3 on %d ranks (gradients and optimizer states partitioned too)", world_size
+    )
     engine = engine_lib.initialize(module, optimizer, ds_config)
     flops, peak = flops_model(model), peak_flops(device, cfg.tracking.peak_tflops)
 
@@ -130,7 +162,14 @@ def train(cfg: Config) -> int:
         progress = resume_lib.restore(engine, resume, train_loader, seed=cfg.seed)
         if rank == 0:
             resume_lib.truncate_metrics(output_dir / "metrics.jsonl", progress.step)
-    log = RunLogger(
+    before = []  # answers to train.sample_prompts before training (a fresh run only)
+    if cfg.train.sample_prompts and progress.step == 0:
+        logger.info(
+            "generating the answers before training to %d train.sample_prompts (greedy, up to %d new tokens)",
+            len(cfg.train.sample_prompts), cfg.train.sample_max_new_tokens,
+        )  # fmt: skip
+        before = answer_prompts(model, tokenizer, renderer, cfg, backend, device)
+    log = RunLogger(  # draws rank 0's progress bar; what is printed from now on goes above it
         output_dir,
         enabled=rank == 0,
         max_steps=cfg.train.max_steps,
@@ -138,8 +177,8 @@ def train(cfg: Config) -> int:
         wandb=cfg.tracking.wandb,
         resolved_config=to_dict(cfg),
     )
-    if cfg.train.sample_prompts and progress.step == 0:
-        log.samples(0, "before", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
+    if before:
+        log.samples(0, "before", before)
     policy = SavePolicy(cfg.checkpoint, cfg.train.max_steps, signals, deadline)
 
     # ================================================================================================ loop
@@ -243,19 +282,22 @@ def train(cfg: Config) -> int:
     del zero3  # models built from now on (the export's meta-device skeleton) are not partitioned
     if cfg.export.at_end and rank == 0:
         if saved_step == step:
-            log.message(f"exported {export_final(cfg, step)}")
+            exported = export_final(cfg, step)
+            log.message(f"exported {exported}; chat with it: {export_lib.chat_command(exported)}")
         else:
             logger.warning("export.at_end: no checkpoint of the final step (train.save_at_end is off)")
     log.close()
+    # The launcher's proof that the run finished (exit_codes.write_finished_record), whatever its teardown does.
+    if rank == 0 and saved_step == step:
+        exit_codes.write_finished_record(step, str(output_dir))
     return exit_codes.OK
 
 
 def export_final(cfg: Config, step: int) -> Path:
     """The Hugging Face model of the final checkpoint (rank 0; the other ranks are done)."""
-    output_dir = Path(cfg.output_dir)
     return export_lib.export_checkpoint(
-        output_dir / "checkpoints" / f"step_{step}",
-        Path(cfg.export.dir) if cfg.export.dir else output_dir / "hf_model",
+        Path(cfg.output_dir) / "checkpoints" / f"step_{step}",
+        export_lib.export_dir(cfg),
         dtype=cfg.export.dtype,
         max_shard_size=cfg.export.max_shard_size,
         check=False,  # just written
@@ -331,19 +373,31 @@ def idle_batch(tokenizer: Any) -> PackedBatch:
     return PackedBatch(ids, torch.full_like(ids, IGNORE_INDEX), torch.zeros_like(ids), [[1]], [[]])
 
 
-def first_sample_text(batch: PackedBatch, tokenizer: Any) -> str:
-    """The first packed sample of the first batch, supervised tokens marked: what the model is trained on."""
+# The first training sample is a glance, not a page (`ift data preview` shows whole samples).
+FIRST_SAMPLE_CHARS = 400
+FIRST_SAMPLE_LINES = 8
+
+
+def first_sample_text(batch: PackedBatch, tokenizer: Any, *, color: bool | None = None) -> str:
+    """The start of the first packed sample of the first batch, supervised tokens marked: what the model is trained
+    on, cut to a few lines, then where to see whole samples. color: None = when stdout is a terminal."""
     length = batch.seq_lens[0][0]
     ref = batch.refs[0][0] if batch.refs and batch.refs[0] else None
     sample = RenderedSample(batch.input_ids[0, :length].tolist(), batch.labels[0, :length].tolist(), ref)
-    return "first training sample:\n" + format_sample(sample, tokenizer, color=sys.stderr.isatty())
+    color = sys.stdout.isatty() if color is None else color  # RunLogger.message writes to stdout
+    text = format_sample(
+        sample, tokenizer, color=color, max_chars=FIRST_SAMPLE_CHARS, max_lines=FIRST_SAMPLE_LINES
+    )
+    marks = "in green" if color else "between [[ ]]"
+    return f"first training sample:\n{text}\n(supervised text {marks}; see `ift data preview CONFIG` for whole samples)"
 
 
 def answer_prompts(
     model: Any, tokenizer: Any, renderer: Renderer, cfg: Config, backend: str, device: torch.device
 ) -> list[tuple[str, str]]:
-    """Greedy answers to train.sample_prompts through the run's chat template. Every rank generates (under ZeRO-3 each
-    forward gathers the layers from all ranks; transformers keeps the ranks in step), rank 0 reports."""
+    """Greedy answers to train.sample_prompts, prompted as training renders prompts (Renderer.generation_prompt).
+    Every rank generates (under ZeRO-3 each forward gathers the layers from all ranks; transformers keeps the ranks
+    in step), rank 0 reports."""
     from ift_dist.attention import enable_packed_attention
 
     was_training = model.training
@@ -351,13 +405,7 @@ def answer_prompts(
     model.set_attn_implementation("sdpa")  # generation runs unpacked
     answers = []
     for prompt in cfg.train.sample_prompts:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            chat_template=renderer.chat_template,
-            add_generation_prompt=True,
-            tokenize=False,
-            **cfg.data.chat_template_kwargs,
-        )
+        text = renderer.generation_prompt(prompt)  # as training renders prompts, data.system_prompt included
         inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
         with torch.no_grad():
             output = model.generate(
@@ -378,4 +426,4 @@ def answer_prompts(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    dist.exit_process(main())  # no interpreter teardown: see dist.exit_process

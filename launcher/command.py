@@ -3,10 +3,11 @@
     ift launch CONFIG.yaml [key=value ...] [--nproc N] [--dry-run]                     this machine
     ift launch CONFIG.yaml --hostfile H [--node-rank R --master-addr A]                several machines, DeepSpeed's way
     ift launch --slurm [--nodes N --gpus-per-node G ...] [--submit] CONFIG.yaml        a Slurm batch job
+    ift train CONFIG.yaml [key=value ...] [--num-gpus N] [--dry-run]                   = the first line
 
-The config is loaded and validated first (including the batch geometry for the world size); nothing starts or is
-submitted when it is wrong. Exit code: the training's (see ift_dist.exit_codes); 2 when the config or an option is
-refused.
+The config is loaded and validated first (its keys, the paths it names, the batch geometry for the world size);
+nothing starts or is submitted when it is wrong. Exit code: the training's (see ift_dist.exit_codes); 2 when the
+config or an option is refused.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import shlex
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ift_dist import exit_codes
 from ift_dist.config import ConfigError, load_config
+from ift_dist.config_check import check_paths
 from ift_dist.launcher.local import LaunchError, launch_local, plan_local, validate_world_size
 from ift_dist.launcher.quoting import UnsafeValueError
 from ift_dist.launcher.slurm import (
@@ -54,25 +57,40 @@ _SLURM_VALUES = {
     "sbatch_arg": "extra",
 }
 _LOCAL_ONLY = ("hostfile", "node_rank", "master_addr", "no_rank_logs")
+# The rank count without a GPU (DS_ACCELERATOR=cpu counts as none): what plan_local and SlurmOptions default to.
+_CPU_RANKS = "without CUDA: 1 rank, on the CPU"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_run_arguments(parser: argparse.ArgumentParser, ranks: str, ranks_help: str, slurm: bool) -> None:
+    """What `ift launch` and `ift train` share; the rank count is --nproc for one, --num-gpus for the other."""
     parser.add_argument("config", help="run config YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    parser.add_argument(ranks, dest="nproc", metavar="N", type=int, help=ranks_help)
     parser.add_argument(
-        "--nproc",
+        "--master-port",
         type=int,
-        help="ranks per machine or node (default: every GPU, or --gpus-per-node; without GPUs 1, on the CPU)",
+        metavar="PORT",
+        help=f"rendezvous port (default: 29500 if free, else a free one{'; Slurm: from the job id' if slurm else ''})",
     )
     parser.add_argument(
-        "--master-port", type=int, help="rendezvous port (default: 29500 if free; Slurm: job id)"
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="print the exact command (Slurm: the script); run nothing"
+        "--dry-run",
+        action="store_true",
+        help=f"print the exact command{' (Slurm: the script)' if slurm else ''}; run nothing",
     )
     parser.add_argument(
         "--no-rank-logs", action="store_true", help="ranks print to the console instead of <output_dir>/logs/"
     )
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`ift train`: `ift launch` on this machine only."""
+    ranks_help = f"ranks on this machine (default: every GPU; {_CPU_RANKS})"
+    _add_run_arguments(parser, "--num-gpus", ranks_help, slurm=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ranks_help = f"ranks per machine or node (default: every GPU, or --gpus-per-node; {_CPU_RANKS})"
+    _add_run_arguments(parser, "--nproc", ranks_help, slurm=True)
     machines = parser.add_argument_group("several machines without Slurm (DeepSpeed hostfile)")
     machines.add_argument("--hostfile", help="DeepSpeed hostfile: one 'host slots=N' line per machine")
     machines.add_argument(
@@ -118,24 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
-    """Dispatch; ConfigError propagates (the `ift` entry point reports it and exits 2)."""
-    environ = os.environ if environ is None else environ
+    """`ift launch`: dispatch; ConfigError propagates (the `ift` entry point reports it and exits 2)."""
     try:
         if args.slurm:
             return _run_slurm(args)
         if args.submit or any(_given(args, name) for name in _SLURM_VALUES):
             raise LaunchError("--submit and the Slurm options (--nodes, --time, ...) need --slurm")
-        plan = plan_local(
-            args.config,
-            args.overrides,
-            nproc=args.nproc,
-            hostfile=args.hostfile,
-            node_rank=args.node_rank,
-            master_addr=args.master_addr,
-            master_port=args.master_port,
-            rank_logs=not args.no_rank_logs,
-            environ=environ,
-        )
     except ConfigError:
         raise
     except (LaunchError, UnsafeValueError, TopologyError, ValueError) as error:
@@ -144,6 +150,35 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> i
     except SlurmError as error:
         print(f"ift launch: {error}", file=sys.stderr)
         return exit_codes.FAILED
+    machines = {"hostfile": args.hostfile, "node_rank": args.node_rank, "master_addr": args.master_addr}
+    return run_local(args, environ, prog="ift launch", **machines)
+
+
+def run_local(
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    *,
+    prog: str = "ift train",
+    **machines: Any,
+) -> int:
+    """This machine (`ift train`, and `ift launch` without --slurm; `machines`: its --hostfile, --node-rank,
+    --master-addr): plan, then run in the foreground, or print the plan with --dry-run. ConfigError propagates."""
+    environ = os.environ if environ is None else environ
+    try:
+        plan = plan_local(
+            args.config,
+            args.overrides,
+            nproc=args.nproc,
+            master_port=args.master_port,
+            rank_logs=not args.no_rank_logs,
+            environ=environ,
+            **machines,
+        )
+    except ConfigError:
+        raise
+    except (LaunchError, UnsafeValueError, TopologyError, ValueError) as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
     if args.dry_run:
         print(plan.shell_line())
         return exit_codes.OK
@@ -167,6 +202,8 @@ def _run_slurm(args: argparse.Namespace) -> int:
     if used:
         raise LaunchError(f"--{used[0].replace('_', '-')} does not apply to --slurm")
     config = load_config(args.config, args.overrides)
+    # The job runs in this directory (workdir below), on a file system the nodes share.
+    check_paths(config, args.config)
     options = slurm_options(args)
     options.validate()
     validate_world_size(config, options.world_size)

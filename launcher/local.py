@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ift_dist.config import ConfigError, load_config
+from ift_dist.config_check import check_paths
 from ift_dist.launcher.commands import rank_environment, runner_command, shell_line
 from ift_dist.launcher.topology import detect_gpus, nvidia_smi_list, read_hostfile
 from ift_dist.optim import batch_plan
@@ -77,10 +79,12 @@ def plan_local(
     python: str = sys.executable,
     list_gpus: Callable[[], str] = nvidia_smi_list,
 ) -> LocalLaunch:
-    """Load and validate the config, count the ranks, and build the command. Raises ConfigError or LaunchError."""
+    """Load and validate the config (its keys, the paths it names, the batch geometry), count the ranks, and build
+    the command. Raises ConfigError or LaunchError; starts nothing."""
     config = load_config(config_path, overrides)
+    check_paths(config, config_path)
     if nproc is not None and nproc < 1:
-        raise LaunchError(f"--nproc must be >= 1, got {nproc}")
+        raise LaunchError(f"the rank count (--nproc, --num-gpus) must be >= 1, got {nproc}")
     gpus = detect_gpus(environ, list_gpus)
     port = choose_master_port(master_port)
     notes: list[str] = []
@@ -96,6 +100,9 @@ def plan_local(
             raise LaunchError("--node-rank needs --hostfile (it says which host of the hostfile this is)")
         runner_args, world_size = _single_machine_args(gpus, nproc, environ)
         ranks_here = world_size
+        # Without a hostfile DeepSpeed's runner warns "Unable to find hostfile" on every run; at error level it
+        # says only what went wrong (our launcher prints the command, the ranks' output and their exit codes).
+        runner_args += ["--log_level", "error"]
     runner_args += ["--master_port", str(port)]
     validate_world_size(config, world_size)
     log_dir = Path(config.output_dir) / "logs" if rank_logs else None
@@ -110,11 +117,13 @@ def _single_machine_args(
     gpus: list[str], nproc: int | None, environ: Mapping[str, str]
 ) -> tuple[list[str], int]:
     if not gpus:
-        ranks = nproc or 1
+        ranks = nproc or 1  # not DeepSpeed's CPU default, one rank per NUMA node
         return ["--num_gpus", str(ranks)], ranks  # DeepSpeed's CPU accelerator: N processes on gloo
     ranks = nproc or len(gpus)
     if ranks > len(gpus):
-        raise LaunchError(f"--nproc {ranks} but only {len(gpus)} GPU(s) are visible ({','.join(gpus)})")
+        raise LaunchError(
+            f"{ranks} ranks asked for, but only {len(gpus)} GPU(s) are visible ({','.join(gpus)})"
+        )
     if "CUDA_VISIBLE_DEVICES" in environ and all(gpu.isdigit() for gpu in gpus):
         # DeepSpeed's runner drops CUDA_VISIBLE_DEVICES when --num_gpus is given and would take GPUs 0..N-1 of the
         # machine; --include keeps exactly the GPUs the user made visible.
@@ -156,11 +165,20 @@ def launch_local(plan: LocalLaunch, environ: Mapping[str, str]) -> int:
     if plan.log_dir is not None:
         plan.log_dir.mkdir(parents=True, exist_ok=True)
         logger.info("per-rank logs: %s/<start time>_rank<N>.log (rank 0 is copied here)", plan.log_dir)
-    outcome = run_training(
-        plan.command,
-        {**environ, **plan.env_updates},
-        follow_log_dir=plan.log_dir if plan.follow_rank_log else None,
-    )
+    with tempfile.TemporaryDirectory(prefix="ift-launch-") as scratch:
+        outcome = run_training(
+            plan.command,
+            {**environ, **plan.env_updates},
+            follow_log_dir=plan.log_dir if plan.follow_rank_log else None,
+            # Rank 0 writes it (it runs here when we follow its log) once the final checkpoint is committed.
+            finished_record=Path(scratch) / "finished" if plan.follow_rank_log else None,
+        )
+    if outcome.finished and outcome.code != 0:
+        # A crash while the processes tear down (after the final checkpoint) does not undo a finished run.
+        logger.warning(
+            "the run finished, but a rank exited with %d while shutting down; exit 0", outcome.code
+        )
+        return 0
     return outcome.code
 
 

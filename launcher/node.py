@@ -7,8 +7,10 @@ node's role from Slurm's variables and runs DeepSpeed's per-node launcher for th
 Master address: the first host of SLURM_JOB_NODELIST; node rank: SLURM_NODEID; port: from SLURM_JOB_ID
 (topology.master_port_for_job) unless given. DeepSpeed's runner gets a hostfile of the job's nodes and
 `--no_ssh --node_rank R`, so no node ever reaches another by ssh. Stop signals reach the ranks as SIGUSR1
-(launcher.process). When the training ends, the exit status goes to <status-dir>/node<R> (launcher.verdict); the
-node's own exit code is the training's, except REQUEUE, which becomes 0 (see the end of main).
+(launcher.process). The training's rank 0 writes its finished record to <status-dir>/finished (the directory is
+the job's and the restart's own, so a record there is this run's). When the training ends, the exit status goes to
+<status-dir>/node<R> (launcher.verdict); the node's own exit code is the training's, except REQUEUE, and any code
+after the finished record, which become 0 (see the end of main).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ift_dist import exit_codes
 from ift_dist.launcher.commands import runner_command
 from ift_dist.launcher.process import run_training
 from ift_dist.launcher.topology import NodeRole, TopologyError, slurm_node_role, write_hostfile
-from ift_dist.launcher.verdict import write_status
+from ift_dist.launcher.verdict import FINISHED_RECORD, write_status
 
 logger = logging.getLogger("ift_dist.launcher.node")
 
@@ -90,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.log_dir is not None:
             args.log_dir.mkdir(parents=True, exist_ok=True)
         follow = args.log_dir if args.log_dir is not None and role.node_rank == 0 else None
-        outcome = run_training(command, os.environ, follow_log_dir=follow)
-    write_status(args.status_dir, role.node_rank, outcome.code, outcome.stopped)
+        finished_record = args.status_dir / FINISHED_RECORD
+        outcome = run_training(command, os.environ, follow_log_dir=follow, finished_record=finished_record)
+    write_status(args.status_dir, role.node_rank, outcome.code, outcome.stopped, outcome.finished)
     logger.info("node %d: training ended with %s", role.node_rank, exit_codes.describe(outcome.code))
     # REQUEUE is success to srun: with --kill-on-bad-exit, srun would kill the nodes that are still writing their
-    # part of the checkpoint. The batch script reads the real code from the status file (launcher.verdict).
-    return exit_codes.OK if outcome.code == exit_codes.REQUEUE else outcome.code
+    # part of the checkpoint. So is a crash after the finished record: the run is done, and the other nodes must get
+    # to write their status. The batch script reads the real code from the status file (launcher.verdict).
+    return exit_codes.OK if outcome.code == exit_codes.REQUEUE or outcome.finished else outcome.code
 
 
 if __name__ == "__main__":

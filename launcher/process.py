@@ -1,6 +1,6 @@
 """Runs DeepSpeed's launcher as a child process and stands between it and the signals: a stop signal (SIGUSR1 or
-SIGTERM) reaches the training processes as SIGUSR1, the child's exit code comes back, and one rank's log file is
-copied to our stdout while it grows.
+SIGTERM) reaches the training processes as SIGUSR1, the child's exit code comes back (with whether the training
+left its finished record), and one rank's log file is copied to our stdout while it grows.
 
 Why SIGUSR1 and not the signal itself: DeepSpeed's per-node launcher (deepspeed.launcher.launch) answers SIGTERM
 and SIGINT by killing its ranks (SIGTERM, then SIGKILL after 30 s), and SIGUSR1's default action would kill it. The
@@ -27,6 +27,9 @@ from pathlib import Path
 from ift_dist import exit_codes
 
 logger = logging.getLogger(__name__)
+
+# How long a failed training's launcher looks for the finished record: rank 0 may have written it on another machine.
+FINISHED_RECORD_PATIENCE_SECONDS = 5.0
 
 
 def descendants(pid: int) -> list[int]:
@@ -100,11 +103,14 @@ class _LogFollower(threading.Thread):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How the training ended: its exit code (128 + N when killed by signal N) and whether a stop signal had reached
-    us before (then a non-zero code may be the consequence of that signal, not a failure of its own)."""
+    """How the training ended: its exit code (128 + N when killed by signal N), whether a stop signal had reached
+    us before (then a non-zero code may be the consequence of that signal, not a failure of its own), and whether
+    rank 0 left the finished record (exit_codes.write_finished_record): the run reached train.max_steps and
+    committed its final checkpoint, so a non-zero code can only come from a rank's teardown."""
 
     code: int
     stopped: bool
+    finished: bool = False
 
 
 def run_training(
@@ -113,9 +119,15 @@ def run_training(
     *,
     follow_log_dir: Path | None = None,
     follow_rank: int = 0,
+    finished_record: Path | None = None,
 ) -> Outcome:
-    """Run `command` (DeepSpeed's runner) with the stop-signal handling described above."""
+    """Run `command` (DeepSpeed's runner) with the stop-signal handling described above. With `finished_record`, the
+    training is told to write its finished record there ($IFT_FINISHED_RECORD); an older one is removed first, so
+    the one found afterwards is this run's."""
     started = time.time()
+    if finished_record is not None:
+        finished_record.unlink(missing_ok=True)
+        environ = {**environ, exit_codes.FINISHED_RECORD_VARIABLE: str(finished_record)}
     child: subprocess.Popen | None = None
     stops, terms = 0, 0
 
@@ -154,4 +166,25 @@ def run_training(
             follower.join(timeout=5)
     code = 128 - code if code < 0 else code
     logger.info("training exited with %s", exit_codes.describe(code))
-    return Outcome(code, stopped=stops > 0)
+    # Only a failure needs a second look.
+    patience = 0.0 if code in (exit_codes.OK, exit_codes.REQUEUE) else FINISHED_RECORD_PATIENCE_SECONDS
+    finished = finished_record is not None and _finished(finished_record, wait_seconds=patience)
+    if finished and code != exit_codes.OK:
+        logger.warning(
+            "the training had finished and committed its final checkpoint (%s) before it exited with %s: a crash "
+            "at teardown; the run counts as finished",
+            finished_record,
+            exit_codes.describe(code),
+        )
+    return Outcome(code, stopped=stops > 0, finished=finished)
+
+
+def _finished(record: Path, wait_seconds: float) -> bool:
+    """Whether the finished record is there. Rank 0 may run on another machine: on a network file system a file it
+    has just written can take a moment to appear, so a failed run waits a little before it is judged unfinished."""
+    deadline = time.monotonic() + wait_seconds
+    while exit_codes.read_finished_record(record) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True

@@ -3,12 +3,18 @@ status each node wrote and from the signals the script received.
 
 Why per-node statuses: with `srun --kill-on-bad-exit` one failing node gets the others killed, and srun then
 reports the killed ones (143), not the cause; a Python error on node 1 would look like a lost node. So each node's
-launcher writes `node<R>` = "<exit code> <stopped>" into the status directory (on the shared output_dir), where
-`stopped` says a stop signal had reached that node before its training ended: its code is then a consequence of the
-signal. The causes are the codes of the nodes that were not stopped. A node whose training checkpointed (85) reports
-success to srun, so that srun does not kill the nodes that are still writing their part of the checkpoint; srun's
-exit code 0 therefore means "done" only when no node reported 85.
+launcher writes `node<R>` = "<exit code> <stopped> <finished>" into the status directory (on the shared output_dir),
+where `stopped` says a stop signal had reached that node before its training ended: its code is then a consequence
+of the signal. The causes are the codes of the nodes that were not stopped. A node whose training checkpointed (85)
+reports success to srun, so that srun does not kill the nodes that are still writing their part of the checkpoint;
+srun's exit code 0 therefore means "done" only when no node reported 85.
 
+`finished` says the node found the training's finished record (<status dir>/finished, ift_dist.exit_codes): rank 0
+wrote it after the run reached train.max_steps and committed its final checkpoint. Such a run is done, whatever the
+exit codes say: a rank that crashes in its teardown (SIGABRT at interpreter exit: 250 from DeepSpeed's launcher)
+would otherwise read as "a rank was killed" and requeue a finished job.
+
+    a node found the finished record                   -> done, whatever the codes, signals and restarts
     srun exit 0 and no node exited 85                  -> done
     the script got SIGTERM (scancel, preemption, time limit, our requeue) -> stop: Slurm decides, no requeue here
     the script got the USR1 notice                     -> requeue
@@ -33,11 +39,15 @@ from pathlib import Path
 
 from ift_dist import exit_codes
 
+# The finished record's name in the status directory (written by the training's rank 0, see node.py).
+FINISHED_RECORD = "finished"
+
 
 @dataclass(frozen=True)
 class NodeStatus:
     code: int
     stopped: bool
+    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,12 +57,12 @@ class Verdict:
     reason: str
 
 
-def write_status(status_dir: Path, node_rank: int, code: int, stopped: bool) -> Path:
+def write_status(status_dir: Path, node_rank: int, code: int, stopped: bool, finished: bool = False) -> Path:
     """Written by each node's launcher when its training has ended (atomically: write, then rename)."""
     status_dir.mkdir(parents=True, exist_ok=True)
     path = status_dir / f"node{node_rank}"
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(f"{code} {int(stopped)}\n")
+    temporary.write_text(f"{code} {int(stopped)} {int(finished)}\n")
     temporary.replace(path)
     return path
 
@@ -72,8 +82,11 @@ def read_statuses(
 
 def _read_one(path: Path) -> NodeStatus | None:
     try:
-        code, stopped = path.read_text().split()
-        return NodeStatus(int(code), stopped == "1")
+        # "<code> <stopped> <finished>"; a launcher from before the finished record wrote "<code> <stopped>".
+        code, stopped, *finished = path.read_text().split()
+        if len(finished) > 1:
+            return None
+        return NodeStatus(int(code), stopped == "1", finished == ["1"])
     except (OSError, ValueError):
         return None
 
@@ -88,6 +101,13 @@ def decide(
     max_restarts: int,
 ) -> Verdict:
     """The table in the module docstring, in code."""
+    if any(status and status.finished for status in statuses.values()):
+        failed = {rank: status.code for rank, status in statuses.items() if status and status.code}
+        if not failed:
+            return Verdict("done", exit_codes.OK, "training finished")
+        rank, code = next(iter(failed.items()))
+        detail = f"node {rank} exited with {exit_codes.describe(code)} in its teardown: not requeued"
+        return Verdict("done", exit_codes.OK, f"training finished (final checkpoint committed); {detail}")
     checkpointed = any(status and status.code == exit_codes.REQUEUE for status in statuses.values())
     if srun_code == exit_codes.OK and not checkpointed:
         return Verdict("done", exit_codes.OK, "training finished")

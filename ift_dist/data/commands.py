@@ -34,13 +34,26 @@ def _prepare(config, args) -> int:
 
 
 def _validate(config, args) -> int:
-    """Lists every bad record (up to --max-listed per source) and every sample the template could not mask; exit 1
-    if there is any. Too-long samples are reported but are not errors."""
+    """Lists every bad record (up to --max-listed per source) and every dropped sample (up to --max-listed per
+    reason) with its record and why; `--json` prints all of them as one JSON object instead. Exit 1 if there is a
+    bad record or a sample the template could not mask; too-long samples are listed but are not errors."""
     from ift_dist.data.loader import scan_sources
+    from ift_dist.data.report import analyze
 
     config.data.on_bad_record = "skip"  # list them all instead of stopping at the first
-    failed = False
-    for item in scan_sources(config.data.sources, "skip"):
+    scanned = scan_sources(config.data.sources, "skip")
+    report = analyze(config, num_proc=args.num_proc, scanned=scanned)  # the same scan: each source read once
+    failed = any(item.scan.bad for item in scanned)
+    unmaskable = {
+        reason: n for reason, n in report["samples"]["dropped_by_reason"].items() if reason != "too_long"
+    }
+    failed |= bool(unmaskable)
+    if getattr(args, "json", False):
+        print(json.dumps(_validate_json(scanned, report, failed), indent=2, ensure_ascii=False))
+        return 1 if failed else 0
+    from ift_dist.data.inspect import format_drops
+
+    for item in scanned:
         scan = item.scan
         print(
             f"{scan.name}: {scan.num_records} records, {len(scan.valid_indices)} valid, {len(scan.bad)} bad"
@@ -48,20 +61,35 @@ def _validate(config, args) -> int:
         for bad in scan.bad[: args.max_listed]:
             print(f"  {bad}")
         if len(scan.bad) > args.max_listed:
-            print(f"  ... and {len(scan.bad) - args.max_listed} more")
-        failed |= bool(scan.bad)
-    from ift_dist.data.report import analyze
-
-    report = analyze(config, num_proc=args.num_proc)
-    dropped = report["samples"]["dropped_by_reason"]
-    unmaskable = {reason: n for reason, n in dropped.items() if reason != "too_long"}
+            print(f"  ... and {len(scan.bad) - args.max_listed} more (--json lists every one)")
+    samples = report["samples"]
+    dropped = samples["dropped_by_reason"]
     print(
-        f"rendered {report['samples']['rendered']} samples; dropped: "
+        f"rendered {samples['rendered']} samples; dropped {samples['dropped']}: "
         + (", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items())) or "none")
     )
-    failed |= bool(unmaskable)
+    for line in format_drops(report["dropped_samples"], args.max_listed):
+        print(line)
     print("FAILED" if failed else "OK")
     return 1 if failed else 0
+
+
+def _validate_json(scanned, report, failed: bool) -> dict:
+    """Everything `ift data validate` found, unabridged: every bad record and every dropped sample."""
+    return {
+        "ok": not failed,
+        "sources": [
+            {
+                "name": item.scan.name,
+                "records": item.scan.num_records,
+                "valid": len(item.scan.valid_indices),
+                "bad": [{**dataclasses.asdict(bad), "message": str(bad)} for bad in item.scan.bad],
+            }
+            for item in scanned
+        ],
+        "samples": report["samples"],
+        "dropped_samples": report["dropped_samples"],
+    }
 
 
 def _stats(config, args) -> int:
@@ -94,10 +122,20 @@ def _preview(config, args) -> int:
         print(format_sample(sample, tokenizer, color=color))
         print()
     if args.html:
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(samples_html(samples, tokenizer))
-        print(f"wrote {args.html}")
+        path = html_path(args.html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(samples_html(samples, tokenizer))
+        print(f"wrote {path}")
     return 0
+
+
+def html_path(requested: str) -> Path:
+    """Where `--html` writes: exactly the path given, relative to the working directory; a directory (one that
+    exists, or a path ending in "/") gets preview.html inside it. Absolute, so the message names the file."""
+    path = Path(requested).expanduser()
+    if path.is_dir() or requested.endswith(("/", "\\")):
+        path = path / "preview.html"
+    return path.absolute()
 
 
 COMMANDS = {"prepare": _prepare, "validate": _validate, "stats": _stats, "preview": _preview}

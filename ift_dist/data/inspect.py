@@ -1,9 +1,10 @@
 """Human-readable views of the data: a rendered sample with its supervised part marked (terminal and HTML), and
-the text form of a data report."""
+the text forms of a data report and of its dropped samples."""
 
 from __future__ import annotations
 
 import html
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,12 +30,69 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def format_sample(sample: RenderedSample, tokenizer: Any, *, color: bool = True) -> str:
-    """The sample's text; supervised text in bold green (or between [[ and ]] without color)."""
+_ELIDED = " [...] "
+
+
+def _cut(text: str, chars: int, newlines: int) -> str:
+    """The start of `text` with at most `chars` characters and `newlines` newlines (a cut at a line end leaves that
+    newline out)."""
+    kept = text[:chars]
+    position = -1
+    for _ in range(newlines + 1):
+        position = kept.find("\n", position + 1)
+        if position < 0:
+            return kept
+    return kept[:position]
+
+
+def _glance(
+    runs: list[tuple[bool, str]], max_chars: int, max_lines: int
+) -> tuple[list[tuple[bool, str]], int]:
+    """The runs cut to about `max_chars` characters and `max_lines` lines, and how many characters were left out.
+    When the whole does not fit, a long context run keeps its start and its end (a third of each budget each), so
+    that the supervised text after a long prompt is still seen; then everything past the budgets is cut."""
+    whole = "".join(text for _, text in runs)
+    if len(whole) <= max_chars and whole.count("\n") < max_lines:
+        return runs, 0
+    share_chars, share_newlines = max(max_chars // 3, 1), max_lines // 3
+    shortened = []
+    for supervised, text in runs:
+        if not supervised and (len(text) > 2 * share_chars or text.count("\n") > 2 * share_newlines):
+            head = _cut(text, share_chars, share_newlines)
+            tail = _cut(text[::-1], share_chars, share_newlines)[::-1]
+            text = head + _ELIDED + tail
+        shortened.append((supervised, text))
+    chars_left, newlines_left = max_chars, max_lines - 1
+    kept = []
+    for supervised, text in shortened:
+        shown = _cut(text, max(chars_left, 0), max(newlines_left, 0))
+        chars_left -= len(shown)
+        newlines_left -= shown.count("\n")
+        kept.append((supervised, shown))
+        if shown != text:
+            break
+    shown = "".join(text for _, text in kept)
+    return kept, len(whole) - len(shown) + shown.count(_ELIDED) * len(_ELIDED)
+
+
+def format_sample(
+    sample: RenderedSample,
+    tokenizer: Any,
+    *,
+    color: bool = True,
+    max_chars: int | None = None,
+    max_lines: int | None = None,
+) -> str:
+    """The sample's text; supervised text in bold green (or between [[ and ]] without color). With `max_chars` or
+    `max_lines`, a glance: about that many characters or lines (a long prompt keeps its start and end around
+    " [...] "), then a line saying how many characters are left out. The marks are not counted and always closed."""
+    runs = [(supervised, _decode(tokenizer, ids)) for supervised, ids in supervised_runs(sample)]
+    left_out = 0
+    if max_chars is not None or max_lines is not None:
+        runs, left_out = _glance(runs, max_chars or sys.maxsize, max_lines or sys.maxsize)
     parts = []
-    for supervised, ids in supervised_runs(sample):
-        text = _decode(tokenizer, ids)
-        if supervised:
+    for supervised, text in runs:
+        if supervised and text:
             text = f"{_GREEN}{text}{_RESET}" if color else f"[[{text}]]"
         parts.append(text)
     supervised_count = sum(label != IGNORE_INDEX for label in sample.labels)
@@ -43,7 +101,8 @@ def format_sample(sample: RenderedSample, tokenizer: Any, *, color: bool = True)
         header += f", {sample.dropped_turns} trailing turns dropped"
     if sample.truncated:
         header += ", truncated"
-    return header + ")\n" + "".join(parts)
+    tail = f"\n... ({left_out} more characters)" if left_out else ""
+    return header + ")\n" + "".join(parts) + tail
 
 
 def samples_html(
@@ -74,6 +133,30 @@ def samples_html(
         + "\n".join(blocks)
         + "\n</body></html>\n"
     )
+
+
+def format_drops(drops: Sequence[dict[str, Any]], max_listed: int) -> list[str]:
+    """The lines that name dropped samples (`analyze()["dropped_samples"]`), grouped by reason, at most `max_listed`
+    per reason, then how many more."""
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for drop in drops:
+        by_reason.setdefault(drop["reason"], []).append(drop)
+    lines = []
+    for reason, entries in sorted(by_reason.items()):
+        lines.append(f"  {reason}: {len(entries)} record{'s' if len(entries) != 1 else ''}")
+        for drop in entries[:max_listed]:
+            times = f" (x{drop['times']} per epoch)" if drop["times"] > 1 else ""
+            lines.append(f"    {drop['ref']} ({drop['where']}){times}: {drop['detail']}")
+        if len(entries) > max_listed:
+            lines.append(f"    ... and {len(entries) - max_listed} more (--json lists every one)")
+    return lines
+
+
+# A record, a sample and a row are counted separately; the report says which is which.
+TERMS = (
+    "A record is one line or item of a source file; a sample is one rendered conversation, after weighting "
+    "(repeats) and drops; a row is one packed sequence of up to data.max_length tokens."
+)
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -114,12 +197,14 @@ def format_report(report: dict[str, Any]) -> str:
     for line in report.get("bad_record_examples", [])[:10]:
         out.append(f"  {line}")
     samples = report["samples"]
+    out.append("\n" + TERMS)
     out.append(
-        f"\nSamples: {samples['rendered']} rendered, {samples['dropped']} dropped "
+        f"Samples: {samples['rendered']} rendered, {samples['dropped']} dropped "
         f"({', '.join(f'{k} {v}' for k, v in sorted(samples['dropped_by_reason'].items())) or 'none'}), "
         f"{samples['truncated']} truncated, {samples['dropped_turns']} trailing turns dropped in "
         f"{samples['with_dropped_turns']} samples"
     )
+    out.extend(format_drops(report.get("dropped_samples", []), max_listed=3))
     turns = report["turns"]
     out.append(
         "Turns (messages per conversation): "

@@ -16,7 +16,8 @@ Decisions beyond the brief:
   result's `tool_call_id` is dropped. Content parts (OpenAI) must be text; they are concatenated with no separator.
 - System text: the conversation's own first message, else the record's `system`, else `SourceConfig.system`;
   empty or whitespace-only counts as none. Alpaca: a whitespace-only input is empty.
-- Empty user and tool messages are allowed; an empty assistant reply without tool calls is `empty_assistant`.
+- An empty assistant reply without tool calls is `empty_assistant`; user messages that are all empty (Alpaca: the
+  instruction and the input) are `empty_prompt`. Empty tool results and one empty user message among others pass.
 - Messages after the last assistant reply are trimmed first (`convert_record` returns how many); then the order
   rules: system only first; the first other message is the user's; an assistant reply follows a user or tool
   message; a tool result follows an assistant message with tool calls or another tool result; no two user
@@ -44,7 +45,7 @@ FORMATS = ("alpaca", "sharegpt", "openai", "firefly")
 FILTERED = "filtered"
 
 REASONS = ("invalid_json", "non_utf8", "wrong_type", "missing_field", "unknown_role", "no_assistant")
-REASONS += ("empty_assistant", "role_order", "invalid_tools", "invalid_tool_call")
+REASONS += ("empty_assistant", "empty_prompt", "role_order", "invalid_tools", "invalid_tool_call")
 
 # The file's role value -> ours. "function_call" is a tool call written as its own turn (ShareGPT / glaive);
 # "function" is OpenAI's legacy role of a function result.
@@ -423,6 +424,13 @@ def _finish(
         if turn.role == "assistant" and not turn.tool_calls and not turn.content.strip():
             _fail("empty_assistant", turn.content_path, "the assistant reply is empty")
         previous = turn
+    users = [turn for turn in turns if turn.role == "user"]  # one at least: the order rules held
+    if not any(user.content.strip() for user in users):
+        detail = (
+            f"all {len(users)} user messages are empty" if len(users) > 1 else "the user message is empty"
+        )
+        detail = "the instruction and the input are empty" if users[0].alpaca and len(users) == 1 else detail
+        _fail("empty_prompt", users[0].content_path, detail)
     messages = [
         Message(t.role, t.content, tool_calls=t.tool_calls, name=t.name, alpaca=t.alpaca) for t in turns
     ]

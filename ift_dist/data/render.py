@@ -110,6 +110,12 @@ class Renderer:
             self.stats["truncated"] += int(result.truncated)
         return result
 
+    def generation_prompt(self, user_message: str) -> str:
+        """The text a model trained on these samples is prompted with for one user message: the run's chat template
+        (with data.system_prompt's rule) and variables, ending in the generation prompt, as training renders the
+        prompt of a reply."""
+        return self._apply([{"role": "user", "content": user_message}], None, add_generation_prompt=True)
+
     # ----------------------------------------------------------------------------------------- steps
 
     def _render(self, conversation: Conversation) -> RenderedSample | Dropped:
@@ -215,14 +221,16 @@ class Renderer:
                     conversation.ref,
                     "template_not_prefix_stable",
                     f"message {turn}: the generation prompt ends {prompt[where:][:60]!r} but the reply renders as "
-                    f"{rendered[where:][:60]!r} (a reasoning template? see data.chat_template_kwargs)",
+                    f"{rendered[where:][:60]!r} (a reasoning template? see data.chat_template_kwargs); "
+                    + self._first_difference(prompt, rendered),
                 )
             if not text.startswith(prompt):
                 return Dropped(
                     conversation.ref,
                     "template_not_prefix_stable",
                     f"message {turn}: the conversation rendered up to this reply is not a prefix of the whole "
-                    "rendering (the template rewrites earlier turns when later ones follow)",
+                    "rendering (the template rewrites earlier turns when later ones follow); "
+                    + self._first_difference(prompt, text),
                 )
             segment = rendered[len(prompt) :]
             # Only what follows an end-of-turn marker may differ from the whole rendering (e.g. an EOS that the
@@ -235,7 +243,8 @@ class Renderer:
                     conversation.ref,
                     "template_not_prefix_stable",
                     f"message {turn}: this reply renders differently when later turns follow "
-                    f"({segment[:80]!r} vs {text[len(prompt) : len(prompt) + 80]!r})",
+                    f"({segment[:80]!r} vs {text[len(prompt) : len(prompt) + 80]!r}); "
+                    + self._first_difference(rendered, text),
                 )
             message = messages[turn]
             for call in message.get("tool_calls") or []:
@@ -314,6 +323,17 @@ class Renderer:
         # Exactly how apply_chat_template(tokenize=True) tokenizes: the template writes the special tokens itself.
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return encoding["input_ids"], encoding["offset_mapping"]
+
+    def _first_difference(self, first: str, second: str) -> str:
+        """Where two renderings of the same conversation part, in tokens of the first and in characters: what
+        `ift data validate` shows for a template_not_prefix_stable drop."""
+        first_ids, _ = self._tokenize(first)
+        second_ids, _ = self._tokenize(second)
+        pairs = zip(first_ids, second_ids, strict=False)  # lengths differ: one rendering goes on
+        token = next(
+            (index for index, (a, b) in enumerate(pairs) if a != b), min(len(first_ids), len(second_ids))
+        )
+        return f"first differing token {token} (character {_common_prefix_length(first, second)})"
 
     def _note_once(self, key: str, message: str) -> None:
         if not self.stats[key]:

@@ -1,6 +1,6 @@
 """One full pass over a run's training data (one epoch of the plan, as training would read it): the data report
-behind `ift data stats / validate / prepare` — records and rejections, turns, token lengths, supervision, drops and
-packing efficiency."""
+behind `ift data stats / validate / prepare` — records and rejections, turns, token lengths, supervision, drops (each
+dropped sample by record) and packing efficiency."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ift_dist.config import Config, ConfigError
-from ift_dist.data.types import IGNORE_INDEX, PackedBatch, PackedRow
+from ift_dist.data.types import IGNORE_INDEX, Dropped, PackedBatch, PackedRow
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,56 @@ def _turn_stats(scanned: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def _record_location(item: Any, index: int) -> str:
+    """Where record `index` of a scanned source is: its file when the source has one, and its 0-based index."""
+    files = item.source.files
+    return f"record {index} of {files[0]}" if len(files) == 1 else f"record {index} of {len(files)} files"
+
+
+class _DropList:
+    """Wraps the loader's reader and keeps every Dropped it yields (in the main process, whatever the number of
+    rendering workers): one entry per record and reason, with how often the epoch drew it (weight > 1 repeats)."""
+
+    def __init__(self, read: Callable[[Any], Iterator[Any]]):
+        self.read = read
+        self.drops: dict[tuple[Any, str], tuple[Dropped, int]] = {}
+
+    def __call__(self, positions: Any) -> Iterator[Any]:
+        for item in self.read(positions):
+            result = item[2]
+            if isinstance(result, Dropped):
+                key = (result.ref, result.reason)
+                first, times = self.drops.get(key, (result, 0))
+                self.drops[key] = (first, times + 1)
+            yield item
+
+    def entries(self, scanned: Sequence[Any]) -> list[dict[str, Any]]:
+        by_name = {item.scan.name: item for item in scanned}
+        return [
+            {
+                "ref": str(drop.ref),
+                "source": drop.ref.source,
+                "index": drop.ref.index,
+                "where": _record_location(by_name[drop.ref.source], drop.ref.index),
+                "reason": drop.reason,
+                "detail": drop.detail,
+                "times": times,
+            }
+            for drop, times in sorted(self.drops.values(), key=lambda entry: (entry[0].reason, entry[0].ref))
+        ]
+
+
 def analyze(
     config: Config,
     *,
     num_proc: int = 1,
     on_row: Callable[[PackedRow], None] | None = None,
     tokenizer: Any = None,
+    scanned: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Read one epoch of the training plan through the real loader (rendering in `num_proc` DataLoader workers),
-    hand every packed row to `on_row`, and return the report as a plain dict (JSON-ready)."""
+    hand every packed row to `on_row`, and return the report as a plain dict (JSON-ready). `scanned`: the training
+    sources from `loader.scan_sources`, when the caller has scanned them already (each source is scanned once)."""
     from ift_dist.data.loader import build_loader, scan_sources
     from ift_dist.data.render import Renderer, load_tokenizer
 
@@ -103,11 +144,13 @@ def analyze(
     if not data.sources:
         raise ConfigError("data.sources: no training data sources configured")
     tokenizer = tokenizer or load_tokenizer(tokenizer_path(config))
-    scanned = scan_sources(data.sources, data.on_bad_record)
+    scanned = scanned if scanned is not None else scan_sources(data.sources, data.on_bad_record)
     renderer = Renderer(tokenizer, data)
     loader = build_loader(
         data, tokenizer, rank=0, world_size=1, rows_per_batch=64, epochs=1, scanned=scanned, renderer=renderer
     )
+    drop_list = _DropList(loader.read)
+    loader.read = drop_list  # the loader counts drops by reason; the report also names each dropped record
     lengths: list[int] = []
     total_tokens = supervised_tokens = 0
     for batch in loader:
@@ -158,6 +201,9 @@ def analyze(
             "dropped_turns": counts["dropped_turns"],
             "with_dropped_turns": counts.get("samples_with_dropped_turns", 0),
         },
+        # Every dropped sample: ref ("source:index"), source, index, where (file and record), reason, detail, and
+        # times (how often one epoch draws the record: its weight).
+        "dropped_samples": drop_list.entries(scanned),
         "turns": _turn_stats(scanned),
         "lengths": _length_stats(np.asarray(lengths, dtype=np.int64)),
         "tokens": {

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ift_dist.config import SourceConfig
+from ift_dist.config_check import relative_path_note
 from ift_dist.data.records import FILTERED, FORMATS, convert_record, detect_format
 from ift_dist.data.types import BadRecord, Conversation, DataFileError, SampleRef
 
@@ -311,7 +312,9 @@ def _resolve(path_text: str) -> tuple[list[Path], str]:
         matches = [Path(match) for match in sorted(glob.glob(str(path), recursive=True))]
         files = [match for match in matches if match.is_file() and match.suffix.lower() in SUFFIXES]
         if not files:
-            raise DataFileError(f"{path}: the glob matches no {', '.join(SUFFIXES)} files")
+            raise DataFileError(
+                f"{path}: the glob matches no {', '.join(SUFFIXES)} files{relative_path_note(path_text)}"
+            )
         if len(files) == 1:
             return files, files[0].stem
         # Several files: named after the deepest directory of the pattern without glob characters.
@@ -321,7 +324,7 @@ def _resolve(path_text: str) -> tuple[list[Path], str]:
                 break
             fixed.append(part)
         return files, (fixed[-1] if fixed else "") or "data"
-    raise DataFileError(f"{path}: no such file or directory")
+    raise DataFileError(f"{path}: no such file or directory{relative_path_note(path_text)}")
 
 
 class RecordSource:

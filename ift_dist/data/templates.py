@@ -1,5 +1,5 @@
 """Chat templates as data: the built-in TemplateSpecs, their compilation to a Jinja chat template, and the choice of
-the template a run uses.
+the template a run uses (with data.system_prompt written into it).
 
 A TemplateSpec is compiled to an ordinary Hugging Face chat template (the `messages`, `tools`,
 `add_generation_prompt`, `bos_token`, `eos_token` conventions of `apply_chat_template`), so the very same text is
@@ -316,9 +316,30 @@ def template_spec(cfg: DataConfig) -> TemplateSpec | None:
     )
 
 
+def with_system_prompt(template: str, system_prompt: str) -> str:
+    """`template` preceded by a preamble that makes `system_prompt` the system message of every conversation that has
+    none (data.system_prompt): the template's own default system text (SmolLM2's "You are a helpful AI assistant named
+    SmolLM, ...") no longer applies, and a tokenizer carrying the result prompts the same way at inference. After the
+    preamble's top-level assignment, every use of `messages` in the template (loops and macros too) sees the new
+    list."""
+    message = "{'role': 'system', 'content': " + _literal(system_prompt) + "}"
+    return (
+        "{#- data.system_prompt, added by ift_dist.data.templates.with_system_prompt #}\n"
+        "{%- if messages and messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{message}] + messages %}}"
+        "{%- endif %}\n" + template
+    )
+
+
 def resolve_chat_template(tokenizer: Any, cfg: DataConfig) -> str:
     """The Jinja chat template a run renders with: data.chat_template if given, else the tokenizer's own
-    (data.template = "tokenizer"), else the compiled built-in or custom TemplateSpec."""
+    (data.template = "tokenizer"), else the compiled built-in or custom TemplateSpec; with data.system_prompt (when
+    set) as the system message of conversations that have none."""
+    template = _base_chat_template(tokenizer, cfg)
+    return template if cfg.system_prompt is None else with_system_prompt(template, cfg.system_prompt)
+
+
+def _base_chat_template(tokenizer: Any, cfg: DataConfig) -> str:
     spec = template_spec(cfg)
     if spec is not None:
         key = "data.custom_template" if cfg.template == "custom" else f"data.template ({cfg.template})"

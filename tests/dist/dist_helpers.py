@@ -71,7 +71,7 @@ def launch(
     port, arguments = str(free_port()), [str(TINY_CONFIG), f"output_dir={output_dir}", *overrides]
     if via_ift:
         command = [str(Path(sys.executable).with_name("ift")), "train", *arguments]
-        command += ["--num-gpus", str(ranks), "--master-port", port]
+        command += ["--num-gpus", str(ranks), "--master-port", port, "--no-rank-logs"]
     else:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
         command += ["--master_port", port, "--module", "ift_dist.train", *arguments]

@@ -1,12 +1,15 @@
-"""The real `deepspeed` command end to end on 2 CPU ranks (ZeRO-3, gloo): one shared run, several assertions."""
+"""The real `deepspeed` command end to end on 2 CPU ranks (ZeRO-3, gloo): one shared run, several assertions; and a
+1-rank run that must leave no /dev/shm segment either."""
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import check, launch
 from transformers import AutoModelForCausalLM
 
 from ift_dist.config import load_config
@@ -106,11 +109,28 @@ def test_checkpoint_holds_the_trained_weights(main_run, tiny_model):
     assert len(changed) == len(initial)  # every parameter trained (norm weights included)
 
 
+def shm_segments() -> set[str]:
+    return {path.name for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_no_shared_memory_segment_is_left_behind(main_run):
     """DeepSpeed's CPU shared-memory allreduce never unlinks its 66 MB /dev/shm segment per rank; the engine unlinks
     them once every rank has mapped them (engine._unlink_shm_allreduce_segment), or each run would leak them."""
-    from pathlib import Path
-
     assert "deepspeed_shm_comm" in main_run.output or "shm" in main_run.output.lower()
     leftovers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{main_run.port}_*"))
     assert leftovers == []
+
+
+def test_no_shared_memory_segment_is_left_behind_by_one_rank(dist_dir, tiny_model):
+    """One rank too: DeepSpeed's launcher sets LOCAL_SIZE = 1 = the world size, so the shm op makes its segment."""
+    before = shm_segments()
+    overrides = [f"model.name_or_path={tiny_model}", "train.max_steps=1", "train.global_batch_rows=1"]
+    overrides += [
+        "train.eval_every=0",
+        "data.eval_sources=[]",
+        "train.sample_prompts=[]",
+        "train.save_at_end=false",
+    ]
+    run = check(launch(dist_dir / "one_rank_shm", overrides, ranks=1))
+    assert "deepspeed_shm_comm" in run.output  # the op was built and loaded, so the segment was made
+    assert {name for name in shm_segments() - before if f"_{run.port}_" in name} == set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,11 @@ def test_stats_text(config_file: Path):
     result = ift("data", "stats", str(config_file))
     assert result.returncode == 0, result.stderr
     assert "Packing:" in result.stdout and "Token lengths:" in result.stdout and "identity" in result.stdout
+    # Records, samples and rows are different counts: the text says which is which.
+    assert (
+        "A record is one line or item of a source file; a sample is one rendered conversation"
+        in result.stdout
+    )
 
 
 def test_validate_lists_every_bad_record_with_file_line_and_field(tmp_path: Path):
@@ -137,6 +143,57 @@ def test_validate_passes_on_clean_data(config_file: Path):
     result = ift("data", "validate", str(config_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
+    # Each source is scanned once, so its log line appears once.
+    assert result.stderr.count("source identity:") == result.stderr.count("source fastchat:") == 1, (
+        result.stderr
+    )
+
+
+@pytest.fixture
+def reasoning_template_config(tmp_path: Path) -> Path:
+    """Qwen3's template on multi-turn data: it drops the empty think block of earlier replies, so the 333
+    multi-turn conversations of FastChat's dummy data cannot be masked by prefixes."""
+    templates = json.loads((SHARED / "tokenizers" / "chat_templates.json").read_text())["templates"]
+    path = tmp_path / "qwen3.yaml"
+    path.write_text(
+        f"""
+data:
+  tokenizer: {SHARED / "tokenizers" / "qwen2.5-instruct"}
+  max_length: 512
+  chat_template: {json.dumps(templates["Qwen-Qwen3-0.6B"]["template"])}
+  sources:
+    - path: {SHARED / "data/fastchat/dummy_conversation.json"}
+      name: fastchat
+"""
+    )
+    return path
+
+
+def test_validate_names_each_dropped_sample(reasoning_template_config: Path):
+    result = ift("data", "validate", str(reasoning_template_config), "--max-listed", "4")
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    assert "rendered 167 samples; dropped 333: template_not_prefix_stable 333" in out
+    assert "  template_not_prefix_stable: 333 records" in out
+    listed = [line for line in out if line.startswith("    fastchat:")]
+    assert len(listed) == 4
+    data_file = SHARED / "data/fastchat/dummy_conversation.json"
+    assert listed[0].startswith(f"    fastchat:0 (record 0 of {data_file}): message 1: ")
+    assert all(re.search(r"first differing token \d+ \(character \d+\)$", line) for line in listed)
+    assert "    ... and 329 more (--json lists every one)" in out
+    assert out[-1] == "FAILED"
+
+
+def test_validate_json_lists_every_dropped_sample(reasoning_template_config: Path):
+    result = ift("data", "validate", str(reasoning_template_config), "--json", "--max-listed", "4")
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["ok"] is False
+    drops = report["dropped_samples"]
+    assert len(drops) == report["samples"]["dropped"] == 333
+    assert len({drop["ref"] for drop in drops}) == 333
+    assert {drop["reason"] for drop in drops} == {"template_not_prefix_stable"}
+    assert all("first differing token" in drop["detail"] for drop in drops)
+    assert report["sources"] == [{"name": "fastchat", "records": 500, "valid": 500, "bad": []}]
 
 
 def test_on_bad_record_error_stops_before_anything_is_read(tmp_path: Path):
@@ -162,6 +219,19 @@ def test_config_typo_names_the_key(config_file: Path):
     result = ift("data", "stats", str(config_file), "data.max_lenght=10")
     assert result.returncode == 2
     assert "data.max_lenght" in result.stderr
+
+
+def test_preview_html_goes_where_asked_from_the_working_directory(config_file: Path, tmp_path: Path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = ift("data", "preview", str(config_file), "-n", "1", "--html", "out/sub/page.html", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert (work / "out" / "sub" / "page.html").is_file()
+    assert f"wrote {work / 'out' / 'sub' / 'page.html'}" in result.stdout  # the absolute path
+    result = ift("data", "preview", str(config_file), "-n", "1", "--html", "pages/", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert (work / "pages" / "preview.html").is_file()  # a directory gets preview.html inside
+    assert sorted(path.name for path in work.iterdir()) == ["out", "pages"]
 
 
 def test_preview_marks_the_supervised_part(config_file: Path, tmp_path: Path):

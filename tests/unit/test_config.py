@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from ift_dist.config import Config, ConfigError, load_config, save_config
+from ift_dist.config_check import check_paths
+from ift_dist.data.sources import open_source
+from ift_dist.data.types import DataFileError
 
 
 def write(tmp_path, text: str):
@@ -79,3 +85,101 @@ def test_saved_config_loads_back_equal(tmp_path):
     config = load_config(None, ["data.max_length=512", "seed=7"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_unknown_yaml_key_suggests_the_closest_valid_one(tmp_path):
+    path = write(tmp_path, "data:\n  max_lenght: 1024\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"data.max_lenght: unknown key; did you mean data.max_length? (in {path})"
+    with pytest.raises(ConfigError, match=r"^dat: unknown key; did you mean data\?"):
+        load_config(write(tmp_path, "dat:\n  max_length: 1024\n"))
+
+
+def test_unknown_key_inside_a_list_element_names_its_index(tmp_path):
+    path = write(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n    - path: b.jsonl\n      wieght: 2\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.sources\[1\]\.wieght: unknown key; did you mean data\.sources\[1\]\.weight\?",
+    ):
+        load_config(path)
+    # Keys inside a mapping field are the user's own.
+    ok = write(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n      placeholders: {nmae: Ada}\n")
+    assert load_config(ok).data.sources[0].placeholders == {"nmae": "Ada"}
+
+
+def test_unknown_override_suggests_the_closest_valid_one(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data.max_lenght=1"])
+    assert str(error.value) == (
+        "data.max_lenght: unknown key; did you mean data.max_length? "
+        "(from the command line override 'data.max_lenght=1')"
+    )
+    path = write(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n")
+    for key in ("data.sources[0].wieght", "data.sources.0.wieght"):
+        with pytest.raises(
+            ConfigError,
+            match=r"^data\.sources\[0\]\.wieght: unknown key; did you mean data\.sources\[0\]\.weight\?",
+        ):
+            load_config(path, [f"{key}=2"])
+    with pytest.raises(
+        ConfigError, match=r"^tracking\.wandb\.mod: unknown key; did you mean tracking\.wandb\.mode\?"
+    ):
+        load_config(None, ["tracking.wandb.mod=online"])
+
+
+def test_unknown_key_without_a_close_match_lists_the_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"^export\.zzz: unknown key; the keys of export are at_end, dir, "):
+        load_config(None, ["export.zzz=1"])
+
+
+def test_a_missing_relative_path_says_what_it_was_resolved_against(tmp_path, monkeypatch):
+    """Relative paths resolve against the working directory, not the config file's folder: the error says both."""
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    (tmp_path / "configs" / "data" / "x.json").write_text(
+        "[]"
+    )  # beside the config: not where it is looked for
+    config_file = tmp_path / "configs" / "run.yaml"
+    config_file.write_text("model:\n  name_or_path: org/model\ndata:\n  sources:\n    - path: data/x.json\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(config_file)
+    rule = f"relative paths resolve against the working directory {Path.cwd()}"
+    with pytest.raises(ConfigError) as error:
+        check_paths(config, config_file)
+    assert str(error.value) == (
+        f"data.sources[0].path: data/x.json does not exist ({rule}; the config file is {config_file.resolve()})"
+    )
+    with pytest.raises(DataFileError, match=re.escape(f"data/x.json: no such file or directory ({rule})")):
+        open_source(config.data.sources[0])
+    config.data.sources[0].path = "configs/data/x.json"
+    check_paths(config, config_file)  # exists; org/model may be a hub id: left to from_pretrained
+
+
+def test_check_paths_names_each_missing_path(tmp_path):
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    base = ["model.name_or_path=org/model", f"data.sources=[{{path: {tmp_path}/x.jsonl}}]"]
+
+    def refused(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            check_paths(load_config(None, [*base, *overrides]), None)
+        return str(error.value)
+
+    check_paths(load_config(None, base))
+    assert refused("data.tokenizer=../no/tokenizer").startswith(
+        "data.tokenizer: ../no/tokenizer does not exist and is not a Hugging Face hub id (relative paths resolve"
+    )
+    assert refused("model.name_or_path=./no-model").startswith(
+        "model.name_or_path: ./no-model does not exist"
+    )
+    assert refused(f"model.name_or_path={tmp_path}/no-model") == (
+        f"model.name_or_path: {tmp_path}/no-model does not exist and is not a Hugging Face hub id"
+    )  # absolute: nothing to resolve
+    assert refused(f"model.name_or_path={tmp_path}", "model.gguf_file=m.gguf").startswith(
+        "model.gguf_file: m.gguf"
+    )
+    assert refused("model.name_or_path=").startswith("model.name_or_path: not set")
+    assert refused(f"data.eval_sources=[{{path: {tmp_path}/*.parquet}}]").startswith(
+        f"data.eval_sources[0].path: {tmp_path}/*.parquet matches no file"
+    )
+    assert refused("data.sources=[]").startswith("data.sources: empty")
+    assert refused("train.zero_config=no.json").startswith("train.zero_config: no.json does not exist")

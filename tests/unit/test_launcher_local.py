@@ -18,7 +18,8 @@ import pytest
 
 from ift_dist import exit_codes
 from ift_dist.config import ConfigError
-from ift_dist.launcher.local import LaunchError, plan_local
+from ift_dist.launcher import process
+from ift_dist.launcher.local import LaunchError, LocalLaunch, launch_local, plan_local
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
@@ -47,6 +48,8 @@ def test_cpu_machine_runs_n_cpu_ranks():
         "deepspeed.launcher.runner",
         "--num_gpus",
         "2",
+        "--log_level",
+        "error",
         "--master_port",
         "29600",
         "--enable_each_rank_log",
@@ -218,3 +221,24 @@ def test_launch_runs_deepspeed_and_turns_sigterm_into_a_checkpoint(tmp_path):
         "rank0.log",
         "rank1.log",
     ]
+
+
+# Rank 0's last act in a finished run, then the teardown crash the issue saw (SIGABRT); or the crash alone.
+ABORT_AFTER_FINISHING = """
+import os, sys
+from ift_dist.exit_codes import write_finished_record
+if sys.argv[1] == "finished":
+    write_finished_record(3, "runs/x")
+os.abort()
+"""
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_launch_local_reports_a_finished_run_as_done_whatever_its_teardown(tmp_path, monkeypatch, finished):
+    monkeypatch.setattr(process, "FINISHED_RECORD_PATIENCE_SECONDS", 0.5)
+    script = tmp_path / "train.py"
+    script.write_text(ABORT_AFTER_FINISHING)
+    command = [sys.executable, str(script), "finished" if finished else "unfinished"]
+    launch = LocalLaunch(command, {}, world_size=1, log_dir=None)
+    code = launch_local(launch, dict(os.environ))
+    assert code == (0 if finished else 128 + signal.SIGABRT)

@@ -115,3 +115,15 @@ def test_wandb_offline_run_is_resumed_with_its_stored_id(tmp_path):
     assert second.id == run_id  # a restarted run continues the same W&B run
     second.finish()
     assert start_wandb(WandbConfig(mode="disabled"), tmp_path, {}) is None
+
+
+def test_the_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
+    log = RunLogger(tmp_path, enabled=True, max_steps=3)
+    log.bar.mininterval = log.bar.miniters = 0  # redraw at every update, as a terminal does between steps
+    for step, loss in ((1, 5.0), (2, 4.0), (3, 3.0)):
+        log.step(step_record(step, loss))
+    log.close()
+    drawn = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    for step, loss in ((1, "5.0000"), (2, "4.0000"), (3, "3.0000")):
+        lines = [line for line in drawn if f"| {step}/3 [" in line]
+        assert lines and all(f"loss={loss}" in line for line in lines), lines

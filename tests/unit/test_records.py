@@ -275,6 +275,14 @@ SHAREGPT_BAD = [
     ({"conversations": [{"from": "system", "value": "S"}, human("Hi")]}, "no_assistant", "conversations"),
     ({"conversations": []}, "no_assistant", "conversations"),
     ({"conversations": [human("Hi"), gpt(" \n\t")]}, "empty_assistant", "conversations[1].value"),
+    # A prompt that says nothing: every user message empty or whitespace (trimmed trailing turns do not count).
+    ({"conversations": [human(""), gpt("ok")]}, "empty_prompt", "conversations[0].value"),
+    (
+        {"conversations": [human(" "), gpt("a"), human("\n\t"), gpt("b")]},
+        "empty_prompt",
+        "conversations[0].value",
+    ),
+    ({"conversations": [human(""), gpt("a"), human("Later")]}, "empty_prompt", "conversations[0].value"),
     ({"conversations": [gpt("First"), human("Hi"), gpt("ok")]}, "role_order", "conversations[0].from"),
     ({"conversations": [human("Hi"), human("Again"), gpt("ok")]}, "role_order", "conversations[1].from"),
     ({"conversations": [human("Hi"), gpt("a"), gpt("b")]}, "role_order", "conversations[2].from"),
@@ -344,6 +352,33 @@ OTHER_BAD = [
     ({"instruction": "x"}, "alpaca", "missing_field", "output"),
     ({"instruction": "x", "output": ""}, "alpaca", "empty_assistant", "output"),
     ({"instruction": "x", "output": 3}, "alpaca", "wrong_type", "output"),
+    ({"instruction": "", "input": "", "output": "y"}, "alpaca", "empty_prompt", "instruction"),
+    ({"instruction": " \n", "input": "\t", "output": "y"}, "alpaca", "empty_prompt", "instruction"),
+    ({"instruction": "", "output": "y"}, "alpaca", "empty_prompt", "instruction"),
+    (
+        {"instruction": "", "instances": [{"input": " ", "output": "y"}]},
+        "alpaca",
+        "empty_prompt",
+        "instruction",
+    ),
+    (
+        {"conversation": [{"human": " ", "assistant": "x"}]},
+        "firefly",
+        "empty_prompt",
+        "conversation[0].human",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": " "}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "openai",
+        "empty_prompt",
+        "messages[1].content",
+    ),
     ({"instruction": "x", "output": "y", "history": [["only one"]]}, "alpaca", "wrong_type", "history[0]"),
     (
         {"instruction": "x", "output": "y", "history": [["q", ""]]},
@@ -465,8 +500,19 @@ def test_allowed_orders_pass():
         ]
     }
     assert roles(convert(after_tool, "sharegpt")) == ["user", "assistant", "tool", "user", "assistant"]
-    empty_user = {"conversations": [human(""), gpt("ok")]}
-    assert roles(convert(empty_user, "sharegpt")) == ["user", "assistant"]
+    one_empty_user = {"conversations": [human("Hi"), gpt("a"), human(" "), gpt("b")]}
+    assert roles(convert(one_empty_user, "sharegpt")) == ["user", "assistant", "user", "assistant"]
+    input_only = convert({"instruction": "", "input": "Translate: chat", "output": "cat"}, "alpaca")
+    assert input_only.messages[0].content == "Translate: chat"
+    empty_tool_result = {
+        "conversations": [
+            human("Hi"),
+            {"from": "function_call", "value": '{"name": "f"}'},
+            {"from": "observation", "value": ""},
+            gpt("ok"),
+        ]
+    }
+    assert roles(convert(empty_tool_result, "sharegpt")) == ["user", "assistant", "tool", "assistant"]
     ends_with_call = {
         "conversations": [human("Hi"), {"from": "function_call", "value": '{"name": "f", "arguments": {}}'}]
     }
@@ -476,3 +522,22 @@ def test_allowed_orders_pass():
 def test_unknown_format_is_a_programming_error():
     with pytest.raises(ValueError, match="unknown record format"):
         convert({}, "csv")
+
+
+def test_an_empty_prompt_in_a_file_is_named_by_file_and_line(tmp_path):
+    from ift_dist.data.sources import open_source
+
+    path = tmp_path / "alpaca.jsonl"
+    rows = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "", "input": "", "output": "An answer to nothing."},
+        {"instruction": "", "input": "Translate: chat", "output": "cat"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    scan = open_source(SourceConfig(path=str(path))).scan()
+    assert scan.valid_indices.tolist() == [0, 2]
+    (bad,) = scan.bad
+    assert (
+        str(bad)
+        == f"{path}, line 2, field instruction: the instruction and the input are empty [empty_prompt]"
+    )

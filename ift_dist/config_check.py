@@ -1,0 +1,145 @@
+"""What a run config names, checked against what exists: its keys against the schema (an unknown key gets the
+closest valid one), its local paths against this machine (a relative path says what it was resolved against).
+
+ift_dist/config.py calls the key check while loading; the launcher calls `check_paths` before it starts any rank, so
+that a typo costs a second, not a rendezvous. Torch-free (the launcher runs on login nodes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import re
+import types
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ift_dist.config import Config, ConfigError
+
+# A Hugging Face repo id: "name" or "namespace/name" of letters, digits, "-", "_", "." (from_pretrained's own test
+# is "not a local directory"; a missing path of this shape may be a hub id and is left to it).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+# --------------------------------------------------------------------------------------------------- keys
+
+
+def _fields(hint: Any) -> dict[str, Any] | None:
+    """Field name -> annotation of a dataclass annotation (`X | None` too); None for a list, mapping or value."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if not dataclasses.is_dataclass(hint):
+        return None
+    hints = typing.get_type_hints(hint)
+    return {item.name: hints[item.name] for item in dataclasses.fields(hint)}
+
+
+def schema_key(parts: list[str], schema: type = Config, where: str = "") -> str:
+    """A key given as its parts (``["data", "sources", "0", "weight"]``), checked against the schema and written as
+    errors name it (``data.sources[0].weight``). Raises ConfigError for a part that is not a field of its section,
+    naming the closest valid key (`where` is appended, e.g. the file). Keys inside a mapping field (``placeholders``,
+    ``columns``, ...) are free."""
+    hint, shown = schema, ""
+    for index, part in enumerate(parts):
+        fields = _fields(hint)
+        if typing.get_origin(hint) is list and part.isdigit():
+            hint, shown = typing.get_args(hint)[0], f"{shown}[{part}]"
+        elif fields is None:
+            return ".".join([shown, *parts[index:]])
+        elif part not in fields:
+            key = f"{shown}.{part}" if shown else part
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            if close:
+                suggestion = f"did you mean {shown}{'.' if shown else ''}{close[0]}?"
+            else:
+                suggestion = f"the keys of {shown or 'a config'} are {', '.join(fields)}"
+            raise ConfigError(f"{key}: unknown key; {suggestion}{where}")
+        else:
+            hint, shown = fields[part], f"{shown}.{part}" if shown else part
+    return shown
+
+
+def _leaf_keys(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    """The key of every value of a YAML document, as parts (a list element's index is a part)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    empty = True
+    for name, item in items:
+        empty = False
+        yield from _leaf_keys(item, (*prefix, str(name)))
+    if empty and prefix:
+        yield list(prefix)
+
+
+def check_keys(document: Any, schema: type = Config, where: str = "") -> None:
+    """Every key of a loaded YAML document must be in the schema; ConfigError names the first one that is not."""
+    for parts in _leaf_keys(document):
+        schema_key(parts, schema, where)
+
+
+# --------------------------------------------------------------------------------------------------- paths
+
+
+def relative_path_note(path: str | Path, config_file: str | Path | None = None) -> str:
+    """For an error about a path: what a relative one was resolved against (always the working directory, never the
+    config file's folder); "" for an absolute path."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    where = f"; the config file is {Path(config_file).resolve()}" if config_file is not None else ""
+    return f" (relative paths resolve against the working directory {Path.cwd()}{where})"
+
+
+def _missing(
+    key: str, path: str, config_file: str | Path | None, what: str = "does not exist"
+) -> ConfigError:
+    return ConfigError(f"{key}: {path} {what}{relative_path_note(path, config_file)}")
+
+
+def _check_exists(key: str, path: str, config_file: str | Path | None) -> None:
+    """A file or directory, or a glob that matches something."""
+    expanded = str(Path(path).expanduser())
+    if any(character in path for character in "*?["):
+        if not glob.glob(expanded, recursive=True):
+            raise _missing(key, path, config_file, "matches no file")
+    elif not Path(expanded).exists():
+        raise _missing(key, path, config_file)
+
+
+def _check_model_path(key: str, path: str, config_file: str | Path | None) -> Path | None:
+    """A local directory (returned) or a hub id (None); a missing path that cannot be a hub id is an error."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if _HUB_ID.fullmatch(path) and ".." not in path:
+        return None
+    raise _missing(key, path, config_file, "does not exist and is not a Hugging Face hub id")
+
+
+def check_paths(config: Config, config_file: str | Path | None = None) -> None:
+    """The files and directories a training run reads must exist here: the model (when local), the tokenizer, the
+    data, the DeepSpeed JSON, a resume path. ConfigError names the first one missing; nothing is opened or read."""
+    model = config.model
+    if not model.name_or_path:
+        raise ConfigError(
+            "model.name_or_path: not set; give a local model directory or a Hugging Face hub id"
+        )
+    local = _check_model_path("model.name_or_path", model.name_or_path, config_file)
+    if local is not None and model.gguf_file and not (local / model.gguf_file).is_file():
+        raise ConfigError(f"model.gguf_file: {model.gguf_file} is not in model.name_or_path ({local})")
+    data = config.data
+    if data.tokenizer:
+        _check_model_path("data.tokenizer", data.tokenizer, config_file)
+    if data.prepared:
+        _check_exists("data.prepared", data.prepared, config_file)
+    elif not data.sources:
+        raise ConfigError("data.sources: empty; list at least one data set (or set data.prepared)")
+    # With data.prepared, training reads the prepared shards, not data.sources.
+    for name in ("eval_sources",) if data.prepared else ("sources", "eval_sources"):
+        for index, source in enumerate(getattr(data, name)):
+            _check_exists(f"data.{name}[{index}].path", source.path, config_file)
+    if config.train.zero_config:
+        _check_exists("train.zero_config", config.train.zero_config, config_file)
+    if config.checkpoint.resume not in ("auto", "never"):
+        _check_exists("checkpoint.resume", config.checkpoint.resume, config_file)
