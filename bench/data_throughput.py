@@ -23,10 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from ift_dist.config import DataConfig, SourceConfig
+from ift_dist.data.contracts import RenderedSample
 from ift_dist.data.pack import StreamingPacker
 from ift_dist.data.render import Renderer, load_tokenizer
 from ift_dist.data.sources import open_source
-from ift_dist.data.types import RenderedSample
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ENGLISH = [

@@ -120,6 +120,8 @@ def write_model(args: argparse.Namespace, tokenizer: Any, directory: Path) -> Pa
     """A random Llama with the tokenizer's vocabulary (tied embeddings, like SmolLM2), saved once for everyone."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ift_dist.data.render import pad_token_id
+
     torch.manual_seed(args.seed)
     eos = tokenizer.eos_token_id
     config = LlamaConfig(
@@ -133,7 +135,7 @@ def write_model(args: argparse.Namespace, tokenizer: Any, directory: Path) -> Pa
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
         eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        pad_token_id=pad_token_id(tokenizer),
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
@@ -355,7 +357,7 @@ def main() -> int:
         raise SystemExit(f"contenders from {CONTENDERS}; 1 <= --warmup-steps < --steps ({unknown or ''})")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ift_dist.data.render import load_tokenizer
+    from ift_dist.data.render import load_tokenizer, pad_token_id
     from ift_dist.metrics import flops_model
 
     gpu = on_gpu(args)
@@ -378,7 +380,7 @@ def main() -> int:
     (workdir / "steps.json").write_text(json.dumps(steps))
     with torch.device("meta"):
         flops = flops_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     setup = {
         "model": str(model),
         "dtype": "bfloat16" if gpu else "float32",

@@ -3,7 +3,7 @@
 A packed row holds several samples end to end; a token may attend only to earlier tokens of its own sample. The
 boundaries travel explicitly, never guessed from position_ids: `packed_forward_kwargs` turns a PackedBatch into the
 model call's kwargs, one of which (`packed_segments`) carries them down through transformers' layers to our
-attention functions (ift_dist.attention_kernels), registered through transformers' public AttentionInterface:
+attention functions (ift_dist.attention_functions), registered through transformers' public AttentionInterface:
 
     flash_attn    flash-attn's varlen kernel over cu_seqlens                          (CUDA, fp16/bf16)
     torch_varlen  torch.nn.attention.varlen.varlen_attn over cu_seqlens               (CUDA, fp16/bf16)
@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from ift_dist.attention_kernels import (
+from ift_dist.attention_functions import (
     REGISTERED_NAMES,
     PackedAttentionError,
     PackedSegments,
     register_attention_functions,
 )
+from ift_dist.config import AttentionBackend
 
 __all__ = [
     "BACKENDS",
@@ -46,7 +47,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa", "eager")
+# The backends a packed row can run on ("auto" of model.attention picks one of them).
+BACKENDS = tuple(backend.value for backend in AttentionBackend if backend is not AttentionBackend.auto)
 
 # Layer kinds whose attention is a causal softmax over the row; anything else (linear attention, Mamba, convolution,
 # chunked or bidirectional attention) carries state or patterns across sample boundaries that no mask here removes.
@@ -127,7 +129,7 @@ def backend_available(backend: str, device_type: str, dtype: torch.dtype, traini
 def check_model(model: Any, backend: str) -> None:
     """Refuse a model whose attention cannot be given explicit sample boundaries by `backend`."""
     name = type(model).__name__
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     if not getattr(type(model), "_supports_attention_backend", False):
         raise PackedAttentionError(
             f"{name} does not route its attention through transformers' AttentionInterface, so packed sample "
@@ -167,8 +169,9 @@ def select_backend(model: Any, requested: str = "auto", *, device: Any = None, t
         reason = backend_available(requested, device_type, dtype, training)
         if reason is not None:
             raise PackedAttentionError(f"attention backend {requested!r} cannot run here: {reason}")
-        backend = requested
+        backend = str(requested)
     check_model(model, backend)
+
     logger.info("packed attention backend: %s (requested %s, %s, %s)", backend, requested, device_type, dtype)
     return backend
 
@@ -190,7 +193,7 @@ def enable_packed_attention(model: Any, backend: str) -> None:
         )
     base = getattr(model, "base_model", model)
     if getattr(base, "_ift_packed_attention_hooks", None) is None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = model.config.get_text_config()
         base._ift_packed_attention_hooks = (
             base.register_forward_pre_hook(_reset_calls, with_kwargs=True),
             base.register_forward_hook(_make_call_check(config), with_kwargs=True),

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color"
     )
 
-    from ift_dist.launcher.command import add_arguments as add_launch_arguments  # torch-free
-    from ift_dist.launcher.command import add_train_arguments
+    from ift_dist.launcher.cli import add_arguments as add_launch_arguments  # torch-free
+    from ift_dist.launcher.cli import add_train_arguments
 
     train = commands.add_parser(
         "train",
@@ -79,12 +79,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", help="a run directory (its `latest` checkpoint) or a step_<N> checkpoint"
     )
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: the training dtype",
-    )
+    from ift_dist.config import DType
+
+    parser.add_argument("--dtype", default="auto", choices=DType.values(), help="auto: the training dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--no-verify", action="store_true", help="skip checking the files against the marker")
@@ -103,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return commands.run(args)
         if args.command == "train":
-            from ift_dist.launcher.command import run_local
+            from ift_dist.launcher.cli import run_local
 
             return run_local(args, prog="ift train")
         if args.command == "export":
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return export(args)
         if args.command == "launch":
-            from ift_dist.launcher.command import run as launch
+            from ift_dist.launcher.cli import run as launch
 
             return launch(args)
     except ConfigError as error:

@@ -40,10 +40,6 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def use_cuda() -> bool:
     """CUDA when present, unless DeepSpeed is told to use its CPU accelerator (DS_ACCELERATOR=cpu: CPU tests and
     debugging on a GPU machine)."""

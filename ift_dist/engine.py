@@ -1,6 +1,6 @@
 """The DeepSpeed door (the only module that imports deepspeed): process group, the DeepSpeed config (ZeRO knobs from
 the JSON + everything else from our config), ZeRO-3 model construction, initialize, backward/step, and the ZeRO-3
-shards of checkpoints: save, load, universal conversion, fp32 weights (ift_dist/checkpoint.py does the rest).
+shards of checkpoints: save, load, universal conversion, fp32 weights (ift_dist/checkpoint/ does the rest).
 
 The DeepSpeed JSON (train.zero_config, configs/ds_zero3/) may hold ZeRO knobs only. Batch sizes, clipping, precision,
 optimizer and schedule are ift-dist's: a JSON that sets one of them is refused, naming our key to use instead, so a
@@ -18,16 +18,17 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import deepspeed
 import torch
 
-from ift_dist.config import ConfigError, TrainConfig
+from ift_dist.config import BatchPlan, ConfigError, TrainConfig
 from ift_dist.dist import local_rank, use_cuda
-from ift_dist.optim import BatchPlan
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,11 @@ def build_config(
     return config
 
 
-def hf_zero3_config(ds_config: dict[str, Any]) -> Any:
-    """Keep the returned object alive for the whole run: while it lives, transformers' from_pretrained builds the
-    model under deepspeed.zero.Init (each rank loads only its shards) and generate() keeps the ranks in step."""
+def zero3_init(ds_config: dict[str, Any]) -> Callable[[], AbstractContextManager[None]]:
+    """The factory of the context under which transformers' from_pretrained builds a model under
+    deepspeed.zero.Init, each rank loading only its shards (model.load_model(init_context=...)); models built
+    outside a `with` block of it are whole (the export's skeleton). Generation needs no such context: the caller
+    passes generate(synced_gpus=...) itself."""
     import importlib.util
 
     # transformers builds this on accelerate's DeepSpeed config; without accelerate it cannot partition the model
@@ -150,15 +153,29 @@ def hf_zero3_config(ds_config: dict[str, Any]) -> Any:
             "ZeRO-3 model loading needs the `accelerate` package (transformers' DeepSpeed integration is built on "
             "it); it is a dependency of ift-dist: reinstall it with `pip install ift-dist` or `pip install accelerate`"
         )
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    config = HfDeepSpeedConfig(ds_config)
-    if not is_deepspeed_zero3_enabled():
-        raise RuntimeError(
-            "transformers did not register the ZeRO-3 config: from_pretrained would not partition"
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        from transformers.integrations.deepspeed import (
+            HfDeepSpeedConfig,
+            is_deepspeed_zero3_enabled,
+            unset_hf_deepspeed_config,
         )
-    return config
+
+        # transformers reads the config through a module-level weak reference that the constructor sets: keep the
+        # object referenced for the block, and clear the reference explicitly at its end.
+        config = HfDeepSpeedConfig(ds_config)
+        try:
+            if not is_deepspeed_zero3_enabled():
+                raise RuntimeError(
+                    "transformers did not register the ZeRO-3 config: from_pretrained would not partition"
+                )
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del config
+
+    return context
 
 
 def check_partitioned(model: torch.nn.Module) -> None:
@@ -192,7 +209,34 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, ds_config:
     return torch.optim.AdamW(groups, fused=use_cuda(), **options)
 
 
-def initialize(module: torch.nn.Module, optimizer: Any, ds_config: dict[str, Any]) -> Any:
+class TrainEngine(Protocol):
+    """What the training loop needs of the engine (deepspeed.DeepSpeedEngine is one): a call is the forward of the
+    wrapped module, and backward + step run once per micro batch (`backward_step`)."""
+
+    optimizer: Any  # DeepSpeed's wrapper of the torch optimizer; its param_groups take each step's LR
+    module: torch.nn.Module  # the wrapped module (ift_dist.loss.CausalLMLoss)
+    skipped_steps: int  # optimizer steps DeepSpeed skipped so far (non-finite gradients, fp16 overflow)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> None: ...
+
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, **kwargs: Any) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, **kwargs: Any) -> tuple[Any, Any]: ...
+
+
+def initialize(module: torch.nn.Module, optimizer: Any, ds_config: dict[str, Any]) -> TrainEngine:
     """The DeepSpeed engine around `module` (its parameters already partitioned by zero.Init, or partitioned now)."""
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     return engine
@@ -206,7 +250,7 @@ class StepResult:
     grad_norm: float  # global 2-norm before clipping; inf/nan when non-finite
 
 
-def backward_step(engine: Any, loss: torch.Tensor) -> StepResult | None:
+def backward_step(engine: TrainEngine, loss: torch.Tensor) -> StepResult | None:
     """Backward of one micro batch, then engine.step(), which DeepSpeed wants after every micro batch and which
     updates the weights only at the accumulation boundary: there it returns the StepResult, else None."""
     boundary = engine.is_gradient_accumulation_boundary()
@@ -249,7 +293,7 @@ def save_shards(engine: Any, directory: str | Path, tag: str) -> list[Path]:
     DeepSpeed 0.19's save_checkpoint is: partition, barrier, tag check (all-reduce), this rank's writes, all-gather
     of the persistent parameters (checkpoint_event_epilogue), barrier. A rank whose write raises skips the last two
     and the others would wait for it forever; it runs them here before raising, so the ranks stay in step and every
-    rank can learn about the failure afterwards (checkpoint.save all-reduces it)."""
+    rank can learn about the failure afterwards (Checkpointer.save gathers it)."""
     try:
         engine.save_checkpoint(str(directory), tag=tag, client_state={}, save_latest=False)
     except (OSError, RuntimeError) as error:
@@ -280,11 +324,25 @@ def load_shards(engine: Any, directory: str | Path, tag: str, *, universal: bool
         _repair_universal_load(engine, groups)
 
 
+@dataclass(frozen=True)
+class EngineShards:
+    """The engine as the checkpointer sees it (ift_dist.checkpoint.checkpointer.Shards): DeepSpeed writes and reads
+    this rank's ZeRO-3 shards itself, through `save_shards` and `load_shards`."""
+
+    engine: Any
+
+    def save(self, directory: Path, tag: str) -> list[Path]:
+        return save_shards(self.engine, directory, tag)
+
+    def load(self, directory: Path, tag: str, *, universal: bool) -> None:
+        load_shards(self.engine, directory, tag, universal=universal)
+
+
 def _repair_universal_load(engine: Any, groups: list[dict[str, Any]]) -> None:
     """Undo two slips of DeepSpeed 0.19's universal ZeRO-3 load with more than one parameter group
     (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3; multi-group universal loading was fixed only in part
     upstream, deepspeedai/DeepSpeed#7585). Without this, the resumed run drifts from the uninterrupted one
-    (tests/dist/test_checkpoint_world_size.py catches both):
+    (tests/dist/test_checkpoint_interrupted.py, resumed on 1 and 3 ranks, catches both):
     - it copies the hyperparameters of the first group into every group: the norms and biases would get the weight
       decay of the matrices (optim.parameter_groups). Ours are put back.
     - it gives every group's AdamW state one and the same `step` tensor, which torch's AdamW increments in place

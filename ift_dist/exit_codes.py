@@ -39,7 +39,6 @@ OK = 0
 FAILED = 1
 CONFIG_ERROR = 2
 TOO_MANY_BAD_STEPS = 3
-NAN_ABORT = TOO_MANY_BAD_STEPS  # the name used in the launcher issue
 REQUEUE = 85
 
 # Failures that a restart cannot fix: the same code and config would fail the same way again.

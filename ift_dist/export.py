@@ -25,13 +25,14 @@ from typing import Any
 import torch
 
 from ift_dist import engine as engine_lib
-from ift_dist.checkpoint import LATEST, MODEL_FILES, TRAIN_STATE, step_of, verify
-from ift_dist.config import Config
+from ift_dist.checkpoint.discovery import latest_checkpoint
+from ift_dist.checkpoint.protocol import verify
+from ift_dist.checkpoint.run_dir import MODEL_FILES, TRAIN_STATE, RunDir
+from ift_dist.config import Config, DType
+from ift_dist.model import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-METADATA_FILES = ("config.json", "generation_config.json")
 PROVENANCE = "ift_export.json"
 
 
@@ -73,16 +74,9 @@ def save_model_files(directory: Path, model: Any, tokenizer: Any, chat_template:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A step_<N> directory as given, else the checkpoint `latest` names in a run or checkpoints directory."""
-    path = Path(path)
-    if step_of(path) is not None:
-        return path
-    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not (checkpoints / LATEST).is_file():
-        raise FileNotFoundError(
-            f"{path}: neither a step_<N> checkpoint nor a directory with checkpoints/{LATEST}"
-        )
-    return checkpoints / (checkpoints / LATEST).read_text().strip()
+    """A step_<N> directory as given, else the checkpoint `latest` names in a run or checkpoints directory (the
+    rule of checkpoint.run_dir.locate, which checkpoint.resume follows too)."""
+    return latest_checkpoint(Path(path))
 
 
 def skeleton_names(config: Any, trust_remote_code: bool = False) -> tuple[dict[str, torch.Size], set[str]]:
@@ -140,8 +134,7 @@ def export_checkpoint(
     state = json.loads((checkpoint / TRAIN_STATE).read_text())
     trust_remote_code = bool(state["config"]["model"].get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(files, trust_remote_code=trust_remote_code)
-    target = DTYPES[dtype] if dtype != "auto" else _config_dtype(config)
-
+    target = TORCH_DTYPES[dtype] if dtype != DType.auto else _config_dtype(config)
     shapes, tied = skeleton_names(config, trust_remote_code)
     weights = {
         name.removeprefix("model."): value for name, value in engine_lib.fp32_weights(checkpoint).items()
@@ -193,7 +186,7 @@ def export_checkpoint(
 
 def export_dir(cfg: Config) -> Path:
     """Where training exports its final checkpoint (export.at_end): export.dir, else <output_dir>/hf_model."""
-    return Path(cfg.export.dir) if cfg.export.dir else Path(cfg.output_dir) / "hf_model"
+    return Path(cfg.export.dir) if cfg.export.dir else RunDir(cfg.output_dir).hf_model
 
 
 def chat_command(

@@ -1,7 +1,7 @@
 """The training loss of a causal LM on packed rows: cross-entropy summed over supervised tokens (fused kernel or
 reference path), normalised by the supervised tokens of the whole optimizer step.
 
-Labels follow the Hugging Face convention (ift_dist.data.types): the hidden state at position t predicts labels[t + 1].
+Labels follow the Hugging Face convention (ift_dist.data.contracts): the hidden state at position t predicts labels[t + 1].
 The first label of every packed sample is IGNORE_INDEX, so no position is trained across a sample boundary.
 
     fused      base model -> hidden [B, T, H] -> LinearLossHead: fused linear cross-entropy over the supervised
@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ift_dist.data.types import IGNORE_INDEX
+from ift_dist.config import LossMode
+from ift_dist.data.contracts import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-LOSS_MODES = ("fused", "reference")
 
 # Config attributes of models whose forward rescales the logits after lm_head (Cohere logit_scale, Granite
 # logits_scaling, MiniCPM dim_model_base): the fused path does not know the factor and refuses such a model.
@@ -64,13 +63,13 @@ def deepspeed_backward_loss(
 
 def logit_softcap(model: Any) -> float | None:
     """The final logit soft-capping of Gemma-2-style models (None for most)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     return getattr(config, "final_logit_softcapping", None)
 
 
 def check_fused_supported(model: Any) -> None:
     """Refuse models whose logits are not hidden @ W.T (+ b) (up to soft-capping): use train.loss=reference."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"train.loss=fused: {type(model).__name__} has no output embedding; use reference")
@@ -116,20 +115,18 @@ class CausalLMLoss(nn.Module):
     model_kwargs are those of `attention.packed_forward_kwargs`. The HF model stays reachable as `.model` (for
     generation and export); nothing in it is patched."""
 
-    def __init__(self, model: Any, mode: str = "fused"):
+    def __init__(self, model: Any, mode: LossMode = LossMode.fused):
         super().__init__()
-        if mode not in LOSS_MODES:
-            raise ValueError(f"train.loss: {mode!r} is not one of {', '.join(LOSS_MODES)}")
         self.model = model
-        self.mode = mode
-        if mode == "fused":
+        self.mode = LossMode(mode)
+        if self.mode == LossMode.fused:
             check_fused_supported(model)
             output = model.get_output_embeddings()
             self.head = LinearLossHead(output.weight, getattr(output, "bias", None), logit_softcap(model))
 
     def forward(self, labels: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         targets_BT = shift_labels(labels)
-        if self.mode == "fused":
+        if self.mode == LossMode.fused:
             hidden_BTH = self.model.base_model(**model_kwargs).last_hidden_state
             return self.head(hidden_BTH.flatten(0, 1), targets_BT.flatten())
         logits_BTV = self.model(**model_kwargs).logits

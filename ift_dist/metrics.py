@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ift_dist.checkpoint.run_dir import RunDir
 from ift_dist.config import WandbConfig
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _numel(parameter: torch.nn.Parameter) -> int:
 
 
 def flops_model(model: Any) -> FlopsModel:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = model.config.get_text_config()
     total = sum(_numel(parameter) for parameter in model.parameters())  # shared (tied) parameters once
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
@@ -121,7 +122,7 @@ def start_wandb(config: WandbConfig, output_dir: Path, resolved: dict[str, Any])
         return None
     import wandb
 
-    id_file = output_dir / "wandb_run_id"
+    id_file = RunDir(output_dir).wandb_run_id
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     run = wandb.init(
         project=config.project,
@@ -158,13 +159,13 @@ class RunLogger:
         resolved_config: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
-        self.output_dir = output_dir
+        self.run_dir = RunDir(output_dir)
         self.bar = self.file = self.run = None
         if not enabled:
             return
         from tqdm import tqdm
 
-        self.file = (output_dir / "metrics.jsonl").open("a")
+        self.file = self.run_dir.metrics.open("a")
         interactive = sys.stderr.isatty()
         self.bar = tqdm(
             total=max_steps,
@@ -177,13 +178,14 @@ class RunLogger:
         if wandb is not None:
             self.run = start_wandb(wandb, output_dir, resolved_config or {})
 
-    def _write(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
+    def _write(self, record: dict[str, Any], path: Path | None = None) -> None:
+        """One JSON line into metrics.jsonl (kept open: a line per step), or into `path`."""
         line = json.dumps({key: finite_or_none(value) for key, value in record.items()}) + "\n"
-        if name == "metrics.jsonl":
+        if path is None:
             self.file.write(line)
             self.file.flush()
         else:
-            with (self.output_dir / name).open("a") as handle:
+            with path.open("a") as handle:
                 handle.write(line)
 
     def step(self, record: dict[str, Any]) -> None:
@@ -219,7 +221,9 @@ class RunLogger:
         if not self.enabled:
             return
         for prompt, answer in answers:
-            self._write({"step": step, "when": when, "prompt": prompt, "answer": answer}, "samples.jsonl")
+            self._write(
+                {"step": step, "when": when, "prompt": prompt, "answer": answer}, self.run_dir.samples
+            )
             self.bar.write(f"[{when} training] {prompt!r} -> {answer!r}")
         if self.run is not None:
             import wandb

@@ -17,24 +17,23 @@ from typing import Any
 import torch
 
 from ift_dist.attention import enable_packed_attention, select_backend
-from ift_dist.config import ModelConfig
+from ift_dist.config import DType, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The torch dtype of every DType but auto (resolve_dtype decides that one).
+TORCH_DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_dtype(requested: str, device: Any) -> torch.dtype:
+def resolve_dtype(requested: DType, device: Any) -> torch.dtype:
     """The weight dtype: "auto" = bfloat16 on a GPU, float32 on CPU (CPU bf16 is slow and loses the 1e-5 parity)."""
-    if requested == "auto":
+    if requested == DType.auto:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if requested not in DTYPES:
-        raise ValueError(f"model.dtype: {requested!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[requested]
+    return TORCH_DTYPES[requested]
 
 
 def load_model(
@@ -48,9 +47,9 @@ def load_model(
 
     device: where it will run (default: CUDA if present); decides the dtype and the attention backend. The model
     is not moved: under ZeRO-3 `init_context` partitions it onto the GPUs, otherwise the engine moves it.
-    init_context: a factory of the context that from_pretrained runs inside. For ZeRO-3 the engine's context keeps
-    transformers' HfDeepSpeedConfig alive, so from_pretrained builds the model under deepspeed.zero.Init and
-    loads each weight into its shard.
+    init_context: a factory of the context that from_pretrained runs inside. For ZeRO-3 it is
+    `engine.zero3_init(ds_config)`: from_pretrained then builds the model under deepspeed.zero.Init and loads each
+    weight into its shard.
     """
     from transformers import AutoModelForCausalLM
 

@@ -22,23 +22,25 @@ from typing import Any
 
 import torch
 
-from ift_dist import checkpoint as checkpoint_lib
 from ift_dist import dist, exit_codes
 from ift_dist import engine as engine_lib
 from ift_dist import export as export_lib
-from ift_dist import resume as resume_lib
 from ift_dist.attention import packed_forward_kwargs
+from ift_dist.checkpoint import compat, discovery, universal
+from ift_dist.checkpoint.checkpointer import Checkpointer
+from ift_dist.checkpoint.protocol import CheckpointError
+from ift_dist.checkpoint.run_dir import RunDir
+from ift_dist.checkpoint.save_policy import SavePolicy, StopSignals, resolve_deadline
+from ift_dist.checkpoint.state import Progress, rank_components
 from ift_dist.config import Config, ConfigError, load_config, save_config, to_dict
-from ift_dist.data.inspect import format_sample
-from ift_dist.data.loader import build_loader, scan_sources
-from ift_dist.data.render import Renderer, load_tokenizer
-from ift_dist.data.report import tokenizer_path
-from ift_dist.data.types import IGNORE_INDEX, PackedBatch, RenderedSample
+from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch, RenderedSample
+from ift_dist.data.loader import PackedLoader, build_loader, scan_sources
+from ift_dist.data.render import Renderer, load_tokenizer, pad_token_id
+from ift_dist.data.views import format_sample
 from ift_dist.loss import CausalLMLoss, deepspeed_backward_loss
 from ift_dist.metrics import RunLogger, flops_model, memory_gb, peak_flops
 from ift_dist.model import load_model, resolve_dtype
-from ift_dist.optim import batch_plan, learning_rate, parameter_groups, set_learning_rate
-from ift_dist.save_policy import SavePolicy, StopSignals, resolve_deadline
+from ift_dist.optim import learning_rate, parameter_groups, set_learning_rate
 
 logger = logging.getLogger("ift_dist.train")  # not __main__ under -m
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except TooManyBadSteps as error:
         logger.error("%s", error)
         code = exit_codes.TOO_MANY_BAD_STEPS
-    except checkpoint_lib.CheckpointError as error:
+    except CheckpointError as error:
         logger.error("%s", error)
         code = exit_codes.FAILED
     except Exception:
@@ -84,7 +86,7 @@ def train(cfg: Config) -> int:
     # ================================================================================================ build
     # Config errors first, before any rank waits for the others (the launcher's environment gives the world size).
     rank, world_size, device = dist.rank(), dist.world_size(), dist.device()
-    plan = batch_plan(cfg.train, cfg.data.max_length, world_size)
+    plan = cfg.batch_plan(world_size)
     dtype = resolve_dtype(cfg.model.dtype, device)
     zero = engine_lib.load_zero_config(cfg.train.zero_config)
     ds_config = engine_lib.build_config(zero, plan, cfg.train, dtype)
@@ -93,22 +95,22 @@ def train(cfg: Config) -> int:
     dist.seed_everything(cfg.seed)
     signals = StopSignals()
     signals.install()  # from now on SIGTERM/SIGUSR1 mean: save at the next step boundary, exit REQUEUE
-    output_dir = Path(cfg.output_dir)
-    resume = resume_lib.find_resume(cfg.checkpoint.resume, output_dir, checksums=cfg.checkpoint.checksums)
+    run = RunDir(cfg.output_dir)  # every path of the run
+    resume = discovery.find_resume(cfg.checkpoint.resume, run.root, checksums=cfg.checkpoint.checksums)
     if resume is not None:
-        resume_lib.check_config(resume, cfg)
+        compat.check_config(resume, cfg)
         if resume.world_size != world_size:  # the ZeRO-3 shards are re-cut through a universal checkpoint
-            resume_lib.prepare_universal(resume)
+            universal.prepare(resume, engine_lib.convert_to_universal)
             engine_lib.allow_universal_load(ds_config)
-    zero3 = engine_lib.hf_zero3_config(ds_config)  # alive until the end: zero.Init loading, synced generate
     logger.info("%s", plan.describe())
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config)
 
     # What happens before the first step takes a while (minutes for a big model): rank 0 says what it is doing.
-    logger.info("loading the tokenizer %s", tokenizer_path(cfg))
-    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    logger.info("loading the tokenizer %s", cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+
     renderer = Renderer(tokenizer, cfg.data)
     if cfg.data.prepared:
         logger.info("reading the prepared data %s", cfg.data.prepared)
@@ -135,7 +137,9 @@ def train(cfg: Config) -> int:
         cfg.model.name_or_path, f" / {cfg.model.gguf_file} (de-quantized)" if cfg.model.gguf_file else "", dtype,
         world_size,
     )  # fmt: skip
-    model, backend = load_model(cfg.model, device=device, training=True)
+    model, backend = load_model(
+        cfg.model, device=device, training=True, init_context=engine_lib.zero3_init(ds_config)
+    )
     if (
         cfg.model.gguf_file
     ):  # transformers dequantizes GGUF outside zero.Init; deepspeed.initialize partitions it
@@ -143,11 +147,10 @@ def train(cfg: Config) -> int:
             "GGUF: loaded whole on every rank, then partitioned by ZeRO-3 (a Hugging Face directory is not)"
         )
     else:
-        engine_lib.check_partitioned(model)  # zero3 was alive while loading: each rank holds only its shard
+        engine_lib.check_partitioned(model)  # loaded under zero3_init: each rank holds only its shard
     model.train()  # load_model leaves it in eval()
-    model_files = output_dir / checkpoint_lib.MODEL_FILES  # for the export; every checkpoint copies them
-    if rank == 0:
-        export_lib.save_model_files(model_files, model, tokenizer, renderer.chat_template)
+    if rank == 0:  # for the export; every checkpoint copies them
+        export_lib.save_model_files(run.model_files, model, tokenizer, renderer.chat_template)
     module = CausalLMLoss(model, cfg.train.loss)
     groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
     optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
@@ -157,11 +160,18 @@ def train(cfg: Config) -> int:
     engine = engine_lib.initialize(module, optimizer, ds_config)
     flops, peak = flops_model(model), peak_flops(device, cfg.tracking.peak_tflops)
 
-    progress = resume_lib.Progress()  # steps done, tokens seen, ...
+    progress = Progress()  # steps done, tokens seen, ...
+    checkpointer = Checkpointer(
+        run,
+        cfg,
+        shards=engine_lib.EngineShards(engine),
+        progress=progress,
+        components=rank_components(train_loader, cfg.seed),
+    )
     if resume is not None:
-        progress = resume_lib.restore(engine, resume, train_loader, seed=cfg.seed)
+        checkpointer.restore(resume)
         if rank == 0:
-            resume_lib.truncate_metrics(output_dir / "metrics.jsonl", progress.step)
+            run.truncate_metrics(progress.step)
     before = []  # answers to train.sample_prompts before training (a fresh run only)
     if cfg.train.sample_prompts and progress.step == 0:
         logger.info(
@@ -170,7 +180,7 @@ def train(cfg: Config) -> int:
         )  # fmt: skip
         before = answer_prompts(model, tokenizer, renderer, cfg, backend, device)
     log = RunLogger(  # draws rank 0's progress bar; what is printed from now on goes above it
-        output_dir,
+        run.root,
         enabled=rank == 0,
         max_steps=cfg.train.max_steps,
         start_step=progress.step,
@@ -260,7 +270,7 @@ def train(cfg: Config) -> int:
             log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))  # the last step: below
         decision = policy.decide(step, seconds)  # every rank: the same answer
         if decision.save:
-            saved = save_checkpoint(engine, cfg, progress, train_loader, log, policy, decision.reason)
+            saved = save_checkpoint(checkpointer, train_loader, log, policy, decision.reason)
             saved_step = step if saved else saved_step
         if decision.stop:
             stopped = decision.reason
@@ -270,16 +280,14 @@ def train(cfg: Config) -> int:
     if stopped is not None:
         log.message(f"stopped after step {step}: {stopped}; run the same command again to resume")
         log.close()
-        del zero3
         return exit_codes.REQUEUE
     if eval_loader is not None:
         log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
     if cfg.train.sample_prompts:
         log.samples(step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
     if cfg.train.save_at_end and saved_step != step:
-        saved = save_checkpoint(engine, cfg, progress, train_loader, log, policy, "end of training")
+        saved = save_checkpoint(checkpointer, train_loader, log, policy, "end of training")
         saved_step = step if saved else saved_step
-    del zero3  # models built from now on (the export's meta-device skeleton) are not partitioned
     if cfg.export.at_end and rank == 0:
         if saved_step == step:
             exported = export_final(cfg, step)
@@ -289,14 +297,14 @@ def train(cfg: Config) -> int:
     log.close()
     # The launcher's proof that the run finished (exit_codes.write_finished_record), whatever its teardown does.
     if rank == 0 and saved_step == step:
-        exit_codes.write_finished_record(step, str(output_dir))
+        exit_codes.write_finished_record(step, str(run.root))
     return exit_codes.OK
 
 
 def export_final(cfg: Config, step: int) -> Path:
     """The Hugging Face model of the final checkpoint (rank 0; the other ranks are done)."""
     return export_lib.export_checkpoint(
-        Path(cfg.output_dir) / "checkpoints" / f"step_{step}",
+        RunDir(cfg.output_dir).step(step),
         export_lib.export_dir(cfg),
         dtype=cfg.export.dtype,
         max_shard_size=cfg.export.max_shard_size,
@@ -306,27 +314,15 @@ def export_final(cfg: Config, step: int) -> Path:
 
 
 def save_checkpoint(
-    engine: Any, cfg: Config, progress: Any, loader: Any, log: RunLogger, policy: SavePolicy, reason: str
+    checkpointer: Checkpointer, loader: PackedLoader, log: RunLogger, policy: SavePolicy, reason: str
 ) -> Path | None:
     """A checkpoint of this step (every rank). A failed save raises (checkpoint.on_save_error=stop) or is logged,
     and training goes on (continue); either way the previous checkpoints are untouched."""
     started = time.perf_counter()
-    state = resume_lib.train_state(
-        progress, cfg, epoch=loader.report()["epoch"], wandb_run_id=getattr(log.run, "id", None)
-    )
     try:
-        path = checkpoint_lib.save(
-            engine,
-            Path(cfg.output_dir) / "checkpoints",
-            state=state,
-            rank_state={"loader": loader.state_dict(), "rng": resume_lib.rng_state()},
-            model_files=Path(cfg.output_dir) / checkpoint_lib.MODEL_FILES,
-            checksums=cfg.checkpoint.checksums,
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-        )
-    except checkpoint_lib.CheckpointError as error:
-        if cfg.checkpoint.on_save_error == "stop":
+        path = checkpointer.save(epoch=loader.report()["epoch"])
+    except CheckpointError as error:
+        if checkpointer.cfg.checkpoint.on_save_error == "stop":
             raise
         logger.error("%s; training goes on (checkpoint.on_save_error=continue)", error)
         return None
@@ -337,7 +333,12 @@ def save_checkpoint(
 
 
 def evaluate(
-    engine: Any, loader: Any, backend: str, device: torch.device, step: int, tokenizer: Any
+    engine: engine_lib.TrainEngine,
+    loader: PackedLoader,
+    backend: str,
+    device: torch.device,
+    step: int,
+    tokenizer: Any,
 ) -> dict[str, Any]:
     """Token-weighted loss over the whole eval split, all ranks: sum of token losses / supervised tokens.
 
@@ -368,7 +369,7 @@ def evaluate(
 
 
 def idle_batch(tokenizer: Any) -> PackedBatch:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad = pad_token_id(tokenizer)
     ids = torch.full((1, 1), int(pad), dtype=torch.long)
     return PackedBatch(ids, torch.full_like(ids, IGNORE_INDEX), torch.zeros_like(ids), [[1]], [[]])
 
@@ -413,9 +414,7 @@ def answer_prompts(
                 max_new_tokens=cfg.train.sample_max_new_tokens,
                 do_sample=False,
                 use_cache=True,
-                pad_token_id=tokenizer.eos_token_id
-                if tokenizer.pad_token_id is None
-                else tokenizer.pad_token_id,
+                pad_token_id=pad_token_id(tokenizer),
                 synced_gpus=dist.world_size() > 1,
             )
         new_tokens = output[0, inputs["input_ids"].shape[1] :]

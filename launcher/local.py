@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ift_dist.config import ConfigError, load_config
-from ift_dist.config_check import check_paths
-from ift_dist.launcher.commands import rank_environment, runner_command, shell_line
+from ift_dist.checkpoint.run_dir import RunDir
+from ift_dist.config import ConfigError, batch_plan, check_paths, load_config
+from ift_dist.launcher.runner import rank_environment, runner_command, shell_line
 from ift_dist.launcher.topology import detect_gpus, nvidia_smi_list, read_hostfile
-from ift_dist.optim import batch_plan
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def plan_local(
         runner_args += ["--log_level", "error"]
     runner_args += ["--master_port", str(port)]
     validate_world_size(config, world_size)
-    log_dir = Path(config.output_dir) / "logs" if rank_logs else None
+    log_dir = RunDir(config.output_dir).logs if rank_logs else None
     command = runner_command(python, runner_args, [config_path, *overrides], environ, log_dir)
     env_updates = rank_environment(environ, cpu=not gpus, ranks_per_node=ranks_here)
     # With --hostfile and ssh, rank 0 runs on the first host, which may be another machine.

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from ift_dist import exit_codes
-from ift_dist.launcher.commands import runner_command
 from ift_dist.launcher.process import run_training
+from ift_dist.launcher.runner import runner_command
 from ift_dist.launcher.topology import NodeRole, TopologyError, slurm_node_role, write_hostfile
 from ift_dist.launcher.verdict import FINISHED_RECORD, write_status
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ift_dist import exit_codes
+from ift_dist.checkpoint.run_dir import RunDir
 from ift_dist.launcher.quoting import UnsafeValueError, sbatch_path, sbatch_value, shell_word, shell_words
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "ift.sbatch"
@@ -170,7 +171,7 @@ def render_script(
         "WORKDIR": shell_word(workdir, "the working directory"),
         "PYTHON": shell_word(python, "the Python executable"),
         "TRAIN_ARGS": shell_words([config_file, *overrides], "the config path and overrides"),
-        "LOG_DIR": shell_word(output_dir / "logs", "output_dir"),
+        "LOG_DIR": shell_word(RunDir(output_dir).logs, "output_dir"),
         "STATUS_ROOT": shell_word(output_dir / "slurm" / "status", "output_dir"),
         "RANKS_PER_NODE": str(options.ranks),
         "MAX_RESTARTS": str(options.max_restarts),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ift_dist.config import load_config
-from ift_dist.data.types import BadRecordError, DataFileError
+from ift_dist.data.contracts import BadRecordError, DataFileError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def _validate(config, args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(_validate_json(scanned, report, failed), indent=2, ensure_ascii=False))
         return 1 if failed else 0
-    from ift_dist.data.inspect import format_drops
+    from ift_dist.data.views import format_drops
 
     for item in scanned:
         scan = item.scan
@@ -93,8 +93,8 @@ def _validate_json(scanned, report, failed: bool) -> dict:
 
 
 def _stats(config, args) -> int:
-    from ift_dist.data.inspect import format_report
     from ift_dist.data.report import analyze
+    from ift_dist.data.views import format_report
 
     report = analyze(config, num_proc=args.num_proc)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
@@ -102,13 +102,14 @@ def _stats(config, args) -> int:
 
 
 def _preview(config, args) -> int:
-    from ift_dist.data.inspect import format_sample, samples_html
+    from ift_dist.data.contracts import RenderedSample
     from ift_dist.data.loader import build_loader
     from ift_dist.data.render import load_tokenizer
-    from ift_dist.data.report import batch_rows, tokenizer_path
-    from ift_dist.data.types import RenderedSample
+    from ift_dist.data.report import batch_rows
+    from ift_dist.data.views import format_sample, samples_html
 
-    tokenizer = load_tokenizer(tokenizer_path(config))
+    tokenizer = load_tokenizer(config.tokenizer_path)
+
     data = dataclasses.replace(config.data, packing=False, num_workers=0, prepared=None)
     loader = build_loader(data, tokenizer, rank=0, world_size=1, rows_per_batch=1, epochs=1)
     samples = []

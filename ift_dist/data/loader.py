@@ -20,6 +20,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ift_dist.config import DataConfig, SourceConfig
+from ift_dist.data.contracts import (
+    IGNORE_INDEX,
+    BadRecord,
+    BadRecordError,
+    Dropped,
+    PackedBatch,
+    PackedRow,
+    RenderedSample,
+)
 from ift_dist.data.pack import StreamingPacker
 from ift_dist.data.plan import (
     EpochPlan,
@@ -30,15 +39,7 @@ from ift_dist.data.plan import (
     split_heldout,
 )
 from ift_dist.data.prepared import PreparedReader
-from ift_dist.data.types import (
-    IGNORE_INDEX,
-    BadRecord,
-    BadRecordError,
-    Dropped,
-    PackedBatch,
-    PackedRow,
-    RenderedSample,
-)
+from ift_dist.data.render import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -297,14 +298,6 @@ def merge_states(states: Sequence[dict[str, Any]], new_world_size: int) -> list[
 # --------------------------------------------------------------------------------------------- building
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _scan_report(scanned: Sequence[ScannedSource]) -> dict[str, Any]:
     return {
         item.scan.name: {
@@ -337,7 +330,7 @@ def build_loader(
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     epochs = epochs if split == "train" else 1
     options = {"rank": rank, "world_size": world_size, "rows_per_batch": rows_per_batch, "epochs": epochs}
-    options["pad_id"] = _pad_id(tokenizer)
+    options["pad_id"] = pad_token_id(tokenizer)
     if split == "train" and cfg.prepared:
         reader = PreparedReader(cfg.prepared, seed=cfg.seed, shuffle=cfg.shuffle)
         return PackedLoader(reader, reader.plan, cfg, **options)

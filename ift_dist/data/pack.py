@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ift_dist.data.types import IGNORE_INDEX, PackedRow, RenderedSample, SampleRef
+from ift_dist.data.contracts import IGNORE_INDEX, PackedRow, RenderedSample, SampleRef
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from ift_dist import __version__
 from ift_dist.config import Config, to_dict
-from ift_dist.data.report import analyze, tokenizer_path
-from ift_dist.data.types import PackedRow
+from ift_dist.data.contracts import PackedRow
+from ift_dist.data.report import analyze
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def prepare(
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "ift_dist_version": __version__,
-        "tokenizer": tokenizer_path(config),
+        "tokenizer": config.tokenizer_path,
         "max_length": data.max_length,
         "packing": data.packing,
         "rows": sum(shard["rows"] for shard in shards),

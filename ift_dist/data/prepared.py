@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ift_dist.data.contracts import IGNORE_INDEX, DataFileError, RenderedSample, SampleRef
 from ift_dist.data.plan import RowGroupPlan
-from ift_dist.data.types import IGNORE_INDEX, DataFileError, RenderedSample, SampleRef
 
 PREPARED_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens", "sources")
 

@@ -6,7 +6,7 @@ Formats (our field names; `SourceConfig.columns` maps them to the file's names a
 - sharegpt: `conversations` [{from, value}], `system`?.  openai: `messages` [{role, content, tool_calls?, name?}].
 - firefly: `conversation` [{human, assistant}], `system`?.  Any format may carry `tools`; other keys are ignored.
 
-Decisions beyond the brief:
+Rules the formats leave open, decided here:
 - `null` (and a None filled in by an Arrow schema union) is a missing field. `where` compares top-level fields by
   the file's own names; a record it leaves out comes back with reason FILTERED (counted apart, not bad).
 - Role values: BUILTIN_ROLES plus `SourceConfig.roles`, shared by ShareGPT and OpenAI records.
@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, NoReturn
 
-from ift_dist.config import SourceConfig
-from ift_dist.data.types import BadRecord, Conversation, Message, SampleRef
+from ift_dist.config import RecordFormat, SourceConfig
+from ift_dist.data.contracts import BadRecord, Conversation, Message, SampleRef
 
-FORMATS = ("alpaca", "sharegpt", "openai", "firefly")
+# The formats a file's records can be in (data.sources[].format names them, or "auto" to detect one per file).
+FORMATS = tuple(fmt.value for fmt in RecordFormat if fmt is not RecordFormat.auto)
 
 # Reason of a record that `SourceConfig.where` leaves out: counted apart, never reported as bad.
 FILTERED = "filtered"

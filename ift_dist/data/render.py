@@ -20,8 +20,8 @@ from typing import Any
 
 from ift_dist.config import DataConfig
 from ift_dist.data import tool_text
+from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, RenderedSample
 from ift_dist.data.templates import end_of_turn_marker, resolve_chat_template, template_spec
-from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, RenderedSample
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,16 @@ def load_tokenizer(path: str) -> Any:
             f"tokenizer {path!r} has no fast (Rust) version; rendering needs its character offsets"
         )
     return tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills padding (packed rows, batched generation): the tokenizer's pad token, else its
+    end-of-sequence token, else 0. Padding carries no label and is masked out, so any id would do; these are the
+    ones a model has embeddings for."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def _common_prefix_length(first: str, second: str) -> int:

@@ -13,19 +13,11 @@ from typing import Any
 import numpy as np
 
 from ift_dist.config import Config, ConfigError
-from ift_dist.data.types import IGNORE_INDEX, Dropped, PackedBatch, PackedRow
+from ift_dist.data.contracts import IGNORE_INDEX, Dropped, PackedBatch, PackedRow
 
 logger = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 12
-
-
-def tokenizer_path(config: Config) -> str:
-    """data.tokenizer, else the model's own."""
-    path = config.data.tokenizer or config.model.name_or_path
-    if not path:
-        raise ConfigError("data.tokenizer: set it (or model.name_or_path) to a tokenizer directory or hub id")
-    return path
 
 
 def batch_rows(batch: PackedBatch) -> Iterator[PackedRow]:
@@ -143,7 +135,8 @@ def analyze(
     )
     if not data.sources:
         raise ConfigError("data.sources: no training data sources configured")
-    tokenizer = tokenizer or load_tokenizer(tokenizer_path(config))
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
+
     scanned = scanned if scanned is not None else scan_sources(data.sources, data.on_bad_record)
     renderer = Renderer(tokenizer, data)
     loader = build_loader(

@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from ift_dist.config import SourceConfig
-from ift_dist.config_check import relative_path_note
+from ift_dist.config import RecordFormat, SourceConfig, relative_path_note
+from ift_dist.data.contracts import BadRecord, Conversation, DataFileError, SampleRef
 from ift_dist.data.records import FILTERED, FORMATS, convert_record, detect_format
-from ift_dist.data.types import BadRecord, Conversation, DataFileError, SampleRef
 
 logger = logging.getLogger(__name__)
 
@@ -416,8 +415,8 @@ class RecordSource:
 
 def _detect_file_format(file: Any, config: SourceConfig) -> str | None:
     """The configured format, or the one the file's first JSON object shows; None for a file without records."""
-    if config.format != "auto":
-        return config.format
+    if config.format != RecordFormat.auto:
+        return str(config.format)
     for raw in islice(file.iter_records(), 100_000):
         if isinstance(raw, dict):
             fmt = detect_format(raw, config.columns)

@@ -12,7 +12,14 @@ import json
 import string
 from typing import Any
 
-from ift_dist.config import ConfigError, DataConfig, TemplateSpec
+from ift_dist.config import (
+    TEMPLATE_PLACEHOLDERS,
+    TEMPLATE_TOKENS,
+    ConfigError,
+    DataConfig,
+    Template,
+    TemplateSpec,
+)
 
 # Stanford Alpaca's two prompt preambles (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 _ALPACA_SYSTEM = (
@@ -28,8 +35,9 @@ _VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-# Templates for models that have none of their own (base models). Strings as the model families define them;
-# multi-turn follows the same pattern turn after turn, and "{eos_token}" closes every reply.
+# Templates for models that have none of their own (base models), one per member of config.Template but tokenizer and
+# custom. Strings as the model families define them; multi-turn follows the same pattern turn after turn, and
+# "{eos_token}" closes every reply.
 BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
     # Stanford Alpaca's exact prompts (tatsu-lab/stanford_alpaca train.py PROMPT_DICT): the reply follows
     # "### Response:" directly, as in their training strings (Alpaca-LoRA and LLaMA-Factory add a newline there):
@@ -115,52 +123,22 @@ BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
     ),
 }
 
-_TOKENS = ("bos_token", "eos_token")
-# The placeholders each format field may use, besides the tokenizer's bos_token / eos_token.
-_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
-    "prefix": (),
-    "system": ("content",),
-    "user": ("content",),
-    "user_with_input": ("instruction", "input"),
-    "system_in_first_user": ("system", "content"),
-    "assistant_prefix": (),
-    "assistant": ("content",),
-    "assistant_suffix": (),
-    "separator": (),
-    "tool": ("content", "name"),
-    "tool_call": ("name", "arguments"),
-    "tools": ("tools",),
-}
-
 
 def _literal(text: str) -> str:
     # A JSON string is a valid Jinja string literal: Jinja decodes the same backslash escapes.
     return json.dumps(text, ensure_ascii=False)
 
 
-def _expression(spec: TemplateSpec, field: str, values: dict[str, str], key: str) -> str:
-    """One format field of the spec as a Jinja string expression, e.g. '"### Instruction:\\n" + content'."""
-    fmt = getattr(spec, field)
-    allowed = {name: values[name] for name in _PLACEHOLDERS[field]}
-    allowed.update({name: f"({name} or '')" for name in _TOKENS})
+def _expression(spec: TemplateSpec, field: str, values: dict[str, str]) -> str:
+    """One format field of a validated spec as a Jinja string expression, e.g. '"### Instruction:\\n" + content'."""
+    allowed = {name: values[name] for name in TEMPLATE_PLACEHOLDERS[field]}
+    allowed.update({name: f"({name} or '')" for name in TEMPLATE_TOKENS})
     parts = []
-    try:
-        parsed = list(string.Formatter().parse(fmt))
-    except ValueError as error:
-        raise ConfigError(
-            f"{key}.{field}: {error} in {fmt!r} (write a literal brace as {{{{ or }}}})"
-        ) from error
-    for literal, name, format_spec, conversion in parsed:
+    for literal, name, _, _ in string.Formatter().parse(getattr(spec, field)):
         if literal:
             parts.append(_literal(literal))
-        if name is None:
-            continue
-        if name not in allowed or format_spec or conversion:
-            raise ConfigError(
-                f"{key}.{field}: unknown placeholder {{{name}}} in {fmt!r}; allowed: "
-                + ", ".join("{" + option + "}" for option in allowed)
-            )
-        parts.append(allowed[name])
+        if name is not None:
+            parts.append(allowed[name])
     return " + ".join(parts) if parts else "''"
 
 
@@ -180,14 +158,10 @@ def _output(indent: int, expression: str) -> str:
 
 def compile_template(spec: TemplateSpec, key: str = "data.custom_template") -> str:
     """The Jinja chat template of a TemplateSpec. `key` names the spec in errors (ConfigError)."""
-    for field in _PLACEHOLDERS:
-        if field in ("user_with_input", "system_in_first_user") and getattr(spec, field) is None:
-            continue
-        if not isinstance(getattr(spec, field), str):
-            raise ConfigError(f"{key}.{field}: must be a string")
+    spec.validate(key)
 
     def expr(field: str, **values: str) -> str:
-        return _expression(spec, field, values, key)
+        return _expression(spec, field, values)
 
     content = "(message['content'] or '')"
     has_input = "message['input'] is defined and message['input']"
@@ -301,19 +275,12 @@ def end_of_turn_marker(spec: TemplateSpec, tokenizer: Any) -> str:
 
 
 def template_spec(cfg: DataConfig) -> TemplateSpec | None:
-    """The TemplateSpec a config selects (a built-in or the custom one), or None for a Jinja template."""
-    if cfg.template in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[cfg.template]
-    if cfg.template == "custom":
-        if cfg.custom_template is None:
-            raise ConfigError("data.custom_template: required when data.template is 'custom'")
-        return cfg.custom_template
-    if cfg.template == "tokenizer":
+    """The TemplateSpec a validated config selects (a built-in or the custom one), or None for a Jinja template."""
+    if cfg.template == Template.tokenizer:
         return None
-    raise ConfigError(
-        f"data.template: {cfg.template!r} is not one of tokenizer, custom, "
-        + ", ".join(sorted(BUILTIN_TEMPLATES))
-    )
+    if cfg.template == Template.custom:
+        return cfg.custom_template
+    return BUILTIN_TEMPLATES[cfg.template]
 
 
 def with_system_prompt(template: str, system_prompt: str) -> str:
@@ -342,7 +309,8 @@ def resolve_chat_template(tokenizer: Any, cfg: DataConfig) -> str:
 def _base_chat_template(tokenizer: Any, cfg: DataConfig) -> str:
     spec = template_spec(cfg)
     if spec is not None:
-        key = "data.custom_template" if cfg.template == "custom" else f"data.template ({cfg.template})"
+        key = "data.custom_template" if cfg.template == Template.custom else f"data.template ({cfg.template})"
+
         return compile_template(spec, key)
     if cfg.chat_template:
         return cfg.chat_template

@@ -14,10 +14,10 @@ import torch
 
 from ift_dist import dist
 from ift_dist import engine as engine_lib
-from ift_dist.config import load_config
+from ift_dist.config import batch_plan, load_config
 from ift_dist.loss import CausalLMLoss
 from ift_dist.model import load_model, resolve_dtype
-from ift_dist.optim import batch_plan, parameter_groups
+from ift_dist.optim import parameter_groups
 
 # Token ids of the tiny model's vocabulary (SmolLM2's), a fixed "batch" of two rows.
 TOKENS = torch.tensor(
@@ -36,8 +36,8 @@ def main(run_dir: Path, out: Path) -> None:
     zero = engine_lib.load_zero_config(cfg.train.zero_config)
     ds_config = engine_lib.build_config(zero, plan, cfg.train, resolve_dtype(cfg.model.dtype, device))
     engine_lib.init_distributed()
-    zero3 = engine_lib.hf_zero3_config(ds_config)
-    model, _ = load_model(cfg.model, device=device, training=True)
+    init_context = engine_lib.zero3_init(ds_config)
+    model, _ = load_model(cfg.model, device=device, training=True, init_context=init_context)
     module = CausalLMLoss(model, cfg.train.loss)
     groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
     optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
@@ -50,8 +50,7 @@ def main(run_dir: Path, out: Path) -> None:
         logits = engine.module.model(input_ids=TOKENS.to(device)).logits.float().cpu()
     if dist.rank() == 0:
         torch.save({"tokens": TOKENS, "logits": logits}, out)
-    del zero3
-    dist.shutdown()
+    dist.shutdown(together=True)  # every rank got here after the same collectives
 
 
 if __name__ == "__main__":

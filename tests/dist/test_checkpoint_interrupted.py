@@ -74,7 +74,9 @@ def test_crash_failed_save_and_stop_signal_then_the_same_training(dist_dir, unin
     assert stopped.returncode == REQUEUE, stopped.output[-10000:]
     assert "step_6: no completion marker complete.json (its save did not finish)" in stopped.output
     assert "step_2 (step 2, 2 ranks)" in stopped.output
-    assert re.search(r"\[rank 1\] WARNING ift_dist.save_policy: received [A-Z, ]*SIGUSR1", stopped.output)
+    assert re.search(
+        r"\[rank 1\] WARNING ift_dist.checkpoint.save_policy: received [A-Z, ]*SIGUSR1", stopped.output
+    )
     assert "IFT_TEST_FAULT: sigterm in the save of step" in stopped.output
     step = latest_step(run_dir)
     assert 3 <= step < 8 and verify(run_dir / "checkpoints" / f"step_{step}") == []

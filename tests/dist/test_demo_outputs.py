@@ -16,8 +16,8 @@ from dist_helpers import REPO, Run, check, launch
 from transformers import AutoTokenizer
 
 from ift_dist.checkpoint import verify
+from ift_dist.checkpoint.compat import flatten
 from ift_dist.config import load_config, to_dict
-from ift_dist.resume import flatten
 
 pytestmark = [pytest.mark.dist]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from ift_dist.kernels import bench
+import kernels_bench as bench
 
 
 def test_benchmark_table_and_memory_ratio(capsys):

@@ -83,7 +83,7 @@ def test_bf16_large_vocabulary(vocab_size):
 
 
 def test_memory_is_a_small_fraction_of_plain_torch():
-    from ift_dist.kernels.measure import Case, measure_here
+    from kernels_measure import Case, measure_here
 
     results = {
         impl: measure_here(Case(8192, 2048, 32000, "bfloat16", 0.0, impl, "cuda", warmup=1, repeats=1))

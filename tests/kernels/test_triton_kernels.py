@@ -1,5 +1,5 @@
 """The Triton kernels on CPU: run through Triton's interpreter in fp32 on small odd shapes against the reference, and
-compiled ahead of time for Hopper and Ampere so a GPU session does not discover a compile error.
+compiled ahead of time for Hopper and Ampere so a compile error shows here, not on a GPU.
 
 CPU tensors with impl="triton" go through the interpreter without TRITON_INTERPRET being set (triton_logits wraps
 its kernels itself), so nothing leaks into the other tests of the same process; one test also runs the classic way,

@@ -46,7 +46,7 @@ CLOSE_KEYS = ("loss", "grad_norm")
 def tiny_model(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("slurm-train") / "tiny-llama"
     subprocess.run(
-        [sys.executable, str(REPO / "tests" / "dist" / "tiny_model.py"), str(directory)],
+        [sys.executable, str(REPO / "tests" / "tiny_model.py"), str(directory)],
         check=True,
         timeout=120,
     )

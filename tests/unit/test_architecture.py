@@ -1,7 +1,9 @@
-"""The architecture, read from the imports: each heavy dependency enters through exactly one door.
+"""The architecture, read from the imports: each heavy dependency enters through exactly one door, and no module of
+ift_dist imports itself through others.
 
-deepspeed only in ift_dist/engine.py, omegaconf only in ift_dist/config.py, wandb only lazily (inside a function) in
-ift_dist/metrics.py, kernels/ never imports the rest of ift_dist, launcher/ never imports torch (it runs on login nodes)."""
+deepspeed only in ift_dist/engine.py, omegaconf only in the ift_dist/config/ package, wandb only lazily (inside a
+function) in ift_dist/metrics.py, kernels/ never imports the rest of ift_dist, launcher/ never imports torch (it runs on
+login nodes), and the module import graph of ift_dist (kernels and launcher included) has no cycle."""
 
 from __future__ import annotations
 
@@ -58,7 +60,10 @@ def test_deepspeed_only_in_engine():
 
 
 def test_omegaconf_only_in_config():
-    assert users_of("omegaconf") <= {"ift_dist/config.py"}
+    config_package = {
+        path.relative_to(REPO).as_posix() for path in (REPO / "ift_dist" / "config").glob("*.py")
+    }
+    assert users_of("omegaconf") <= config_package
 
 
 def test_wandb_only_lazily_in_metrics():
@@ -99,3 +104,92 @@ def test_modules_stay_small():
         if (n := len(path.read_text().splitlines())) > 450
     }
     assert too_long == {}
+
+
+def test_checkpoint_package_never_imports_deepspeed_or_the_engine():
+    """The checkpoint package gets the engine as an adapter (engine.EngineShards) and a converter function."""
+    offenders = {
+        path.relative_to(REPO).as_posix(): name
+        for path in sorted((REPO / "ift_dist" / "checkpoint").rglob("*.py"))
+        for name, _ in imports_of(path)
+        if name in ("deepspeed", "ift_dist.engine") or name.startswith("deepspeed.")
+    }
+    assert offenders == {}
+    # `from ift_dist import engine` names the package, not the module: read the names imported from it as well.
+    for path in (REPO / "ift_dist" / "checkpoint").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "ift_dist":
+                assert "engine" not in {alias.name for alias in node.names}, path
+
+
+def module_name(package: str, directory: Path, path: Path) -> str:
+    parts = [*path.relative_to(directory).with_suffix("").parts]
+    return ".".join([package, *parts[:-1]] + ([] if parts[-1] == "__init__" else parts[-1:]))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the ift_dist modules it imports, at any depth of the file (module level, functions, TYPE_CHECKING).
+
+    `from a.b import c` imports a.b, and a.b.c too when c is a module; a relative import is resolved first."""
+    files = {module_name(package, PACKAGE_DIRS[package], path): path for package, path in python_files()}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            graph[name] |= {target for target in targets if target in files and target != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as [a, b, ..., a], or None (iterative depth-first search, three colours)."""
+    state: dict[str, int] = {}  # absent: unvisited, 1: on the current path, 2: done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(child) == 1:
+                return [*path[path.index(child) :], child]
+            elif child not in state:
+                state[child] = 1
+                path.append(child)
+                stack.append(iter(sorted(graph[child])))
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_import_graph_reads_every_kind_of_import():
+    graph = import_graph()
+    assert "ift_dist.config.schema" in graph["ift_dist.config"]  # the package re-exports its modules
+    assert (
+        "ift_dist.config" in graph["ift_dist.launcher.local"]
+    )  # a top-level folder, installed under ift_dist
+    assert "ift_dist.engine" in graph["ift_dist.export"]  # `from ift_dist import engine as engine_lib`
+    assert "ift_dist.data.loader" in graph["ift_dist.data.report"]  # an import inside a function
+
+
+def test_no_import_cycles_in_ift_dist():
+    """Import order never matters and every module can be read without the ones that import it."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from ift_dist.checkpoint.save_policy import SavePolicy, StopSignals, resolve_deadline
 from ift_dist.config import CheckpointConfig, ConfigError, load_config
 from ift_dist.export import parse_size, plan_shards
-from ift_dist.save_policy import SavePolicy, StopSignals, resolve_deadline
 
 
 def policy(max_steps: int = 10, deadline: float | None = None, **options) -> SavePolicy:

@@ -6,11 +6,21 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ift_dist.config import Config, ConfigError, load_config, save_config
-from ift_dist.config_check import check_paths
+from ift_dist.config import (
+    Config,
+    ConfigError,
+    DType,
+    ModelConfig,
+    OnSaveError,
+    check_paths,
+    load_config,
+    save_config,
+    to_dict,
+)
+from ift_dist.data.contracts import DataFileError
 from ift_dist.data.sources import open_source
-from ift_dist.data.types import DataFileError
 
 
 def write(tmp_path, text: str):
@@ -57,6 +67,30 @@ def test_wrong_type_names_the_key():
 def test_bad_choice_names_the_key_and_options():
     with pytest.raises(ConfigError, match=r"data\.on_bad_record: 'ignore' is not one of skip, error"):
         load_config(None, ["data.on_bad_record=ignore"])
+
+
+def test_choices_are_plain_strings_in_yaml_dicts_and_comparisons(tmp_path):
+    config = load_config(None, ["model.dtype=bfloat16", "checkpoint.on_save_error=continue"])
+    assert config.model.dtype is DType.bfloat16 and config.model.dtype == "bfloat16"
+    assert config.checkpoint.on_save_error == OnSaveError["continue"] == "continue"
+    assert {"bfloat16": 1}[config.model.dtype] == 1 and f"{config.model.dtype}" == "bfloat16"
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["dtype"] == "bfloat16" and saved["checkpoint"]["on_save_error"] == "continue"
+    plain = to_dict(config)
+    assert type(plain["model"]["dtype"]) is str and plain == saved
+    # A section built in code with a plain string is converted by validate; a bad one names the key.
+    model = ModelConfig(dtype="float16")
+    model.validate("model")
+    assert model.dtype is DType.float16
+    with pytest.raises(ConfigError, match=r"^model\.attention: 'fast' is not one of auto, flash_attn"):
+        ModelConfig(attention="fast").validate("model")
+
+
+def test_bad_choice_inside_a_list_names_the_index(tmp_path):
+    path = write(tmp_path, "data:\n  sources:\n    - path: a.jsonl\n    - path: b.jsonl\n      format: csv\n")
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.format: 'csv' is not one of auto, alpaca"):
+        load_config(path)
 
 
 def test_bad_value_inside_a_list_names_the_index(tmp_path):

@@ -11,10 +11,7 @@ import torch
 
 from ift_dist.config import Config, DataConfig, SourceConfig
 from ift_dist.data.commands import html_path
-from ift_dist.data.inspect import TERMS, format_drops, format_report, format_sample
-from ift_dist.data.render import Renderer, load_tokenizer
-from ift_dist.data.report import analyze
-from ift_dist.data.types import (
+from ift_dist.data.contracts import (
     IGNORE_INDEX,
     Conversation,
     Dropped,
@@ -23,6 +20,9 @@ from ift_dist.data.types import (
     RenderedSample,
     SampleRef,
 )
+from ift_dist.data.render import Renderer, load_tokenizer
+from ift_dist.data.report import analyze
+from ift_dist.data.views import TERMS, format_drops, format_report, format_sample
 
 # Earlier replies are shortened once a later turn follows: multi-turn samples cannot be masked by prefixes.
 REWRITING_TEMPLATE = (

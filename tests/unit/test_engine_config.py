@@ -11,9 +11,8 @@ import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from ift_dist import engine
-from ift_dist.config import ConfigError, TrainConfig
+from ift_dist.config import ConfigError, TrainConfig, batch_plan
 from ift_dist.engine import OWNED_KEYS, build_config, load_zero_config, offloads_optimizer
-from ift_dist.optim import batch_plan
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "ds_zero3"
 
@@ -122,9 +121,24 @@ def test_zero3_loading_without_accelerate_is_an_error(monkeypatch):
         lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a),
     )
     with pytest.raises(RuntimeError, match="accelerate"):
-        engine.hf_zero3_config({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+        engine.zero3_init({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
 
 
 def test_a_model_loaded_whole_is_refused():
     with pytest.raises(RuntimeError, match="loaded whole"):
         engine.check_partitioned(torch.nn.Linear(2, 2))
+
+
+def test_zero3_init_is_active_only_inside_its_block():
+    """from_pretrained partitions only inside the block; models built after it (the export's skeleton) are whole."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    init_context = engine.zero3_init({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    assert not is_deepspeed_zero3_enabled()
+    with init_context():
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
+    with pytest.raises(ValueError), init_context():
+        assert is_deepspeed_zero3_enabled()
+        raise ValueError("a failed load")
+    assert not is_deepspeed_zero3_enabled()

@@ -9,8 +9,8 @@ import importlib.util
 import json
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_model import save_tiny_llama
+from transformers import AutoConfig, AutoTokenizer
 
 from ift_dist.config import ModelConfig
 from ift_dist.export import save_model_files, skeleton_names
@@ -25,10 +25,10 @@ def tokenizer(shared_dir):
 
 
 def test_model_files_are_for_inference(tmp_path, tokenizer):
-    torch.manual_seed(0)
     sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
-    config = LlamaConfig(vocab_size=300, num_hidden_layers=1, tie_word_embeddings=False, **sizes)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    save_tiny_llama(
+        tmp_path / "model", tied=False, vocab_size=300, num_hidden_layers=1, pad_token_id=None, **sizes
+    )
     model, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "model")), device="cpu")  # packed attention
     assert model.config.use_cache is False
     save_model_files(tmp_path / "files", model, tokenizer, TEMPLATE)

@@ -120,5 +120,8 @@ def test_the_wheel_installs_our_folders_under_ift_dist_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {OURS}
+    # Every module of the source tree is in it (a package missing from pyproject's list would be left out).
+    sources = {path.relative_to(REPO).as_posix() for path in (REPO / OURS).rglob("*.py")}
+    assert sources - set(names) == set()
     assert "ift_dist/kernels/linear_cross_entropy.py" in names
     assert "ift_dist/launcher/verdict.py" in names

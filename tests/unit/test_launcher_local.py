@@ -223,7 +223,7 @@ def test_launch_runs_deepspeed_and_turns_sigterm_into_a_checkpoint(tmp_path):
     ]
 
 
-# Rank 0's last act in a finished run, then the teardown crash the issue saw (SIGABRT); or the crash alone.
+# Rank 0's last act in a finished run, then a teardown crash (SIGABRT); or the crash alone.
 ABORT_AFTER_FINISHING = """
 import os, sys
 from ift_dist.exit_codes import write_finished_record

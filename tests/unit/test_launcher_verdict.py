@@ -70,7 +70,7 @@ def test_decide(srun_code, statuses, flags, action, code):
 @pytest.mark.parametrize(
     ("srun_code", "statuses", "flags"),
     [
-        # a rank aborted at interpreter exit after the final checkpoint (the 250)
+        # a rank aborted at interpreter exit after the final checkpoint (DeepSpeed reports 250)
         (ABORTED_RANK, {0: status(ABORTED_RANK, finished=True)}, {}),
         (ABORTED, {0: status(ABORTED, finished=True)}, {}),
         # two nodes: node 1 did not see the record (a network file system is slow), node 0 did

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from ift_dist.config import DataConfig, SourceConfig
+from ift_dist.data.contracts import IGNORE_INDEX, BadRecordError
 from ift_dist.data.loader import build_loader, merge_states, scan_sources
 from ift_dist.data.render import load_tokenizer
-from ift_dist.data.types import IGNORE_INDEX, BadRecordError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 DATA = SHARED / "data"

@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_model import tiny_llama
+from transformers import LlamaForCausalLM
 
 from ift_dist.attention import enable_packed_attention, packed_forward_kwargs
-from ift_dist.data.types import IGNORE_INDEX, PackedBatch
+from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch
 from ift_dist.loss import CausalLMLoss, check_fused_supported, deepspeed_backward_loss, shift_labels
 
 VOCAB = 300
 
 
-def tiny_llama(tied: bool) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
+def packed_llama(tied: bool) -> LlamaForCausalLM:
+    model = tiny_llama(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, tie_word_embeddings=tied, pad_token_id=None
     )
-    model = LlamaForCausalLM(config)
     enable_packed_attention(model, "sdpa")
     return model
 
@@ -61,7 +54,7 @@ def test_shift_labels_aligns_each_position_with_the_next_label():
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_fused_equals_reference_equals_the_models_own_loss(tied):
-    model = tiny_llama(tied)
+    model = packed_llama(tied)
     batch = packed_batch()
     fused, fused_grads = loss_and_grads(model, "fused", batch)
     reference, reference_grads = loss_and_grads(model, "reference", batch)
@@ -78,7 +71,7 @@ def test_fused_equals_reference_equals_the_models_own_loss(tied):
 
 def test_the_fused_head_shares_the_output_weight():
     for tied in (True, False):
-        model = tiny_llama(tied)
+        model = packed_llama(tied)
         module = CausalLMLoss(model, "fused")
         assert module.head.weight is model.get_output_embeddings().weight
         assert (module.head.weight is model.get_input_embeddings().weight) == tied
@@ -88,14 +81,14 @@ def test_the_fused_head_shares_the_output_weight():
 def test_a_batch_without_supervised_tokens_has_zero_loss():
     batch = packed_batch()
     batch.labels.fill_(IGNORE_INDEX)
-    model = tiny_llama(tied=True)
+    model = packed_llama(tied=True)
     for mode in ("fused", "reference"):
         loss, grads = loss_and_grads(model, mode, batch)
         assert loss.item() == 0.0 and all(not g.any() for g in grads.values())
 
 
 def test_models_that_rescale_their_logits_are_refused_by_the_fused_path():
-    model = tiny_llama(tied=True)
+    model = packed_llama(tied=True)
     model.config.logit_scale = 0.0625  # Cohere-style: logits * logit_scale after lm_head
     with pytest.raises(ValueError, match=r"config\.logit_scale=0\.0625.*use train\.loss=reference"):
         check_fused_supported(model)

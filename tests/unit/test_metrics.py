@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_model import tiny_llama
 
 from ift_dist.config import WandbConfig
 from ift_dist.metrics import (
@@ -22,20 +22,6 @@ from ift_dist.metrics import (
 )
 
 
-def tiny_llama(tied: bool) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,  # attention width 4 x 8 = 32, not the hidden size
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_step_flops_are_six_n_per_token_plus_causal_attention_per_sample():
     model = FlopsModel(matmul_parameters=1000, layers=2, attention_width=8)
     # samples of 3 and 5 tokens: 6 x 1000 x 8 + 6 x 2 x 8 x (9 + 25)
@@ -45,7 +31,9 @@ def test_step_flops_are_six_n_per_token_plus_causal_attention_per_sample():
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_matmul_parameters_leave_out_the_embedding_lookup_only(tied):
-    model = tiny_llama(tied)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
+    # attention width 4 x 8 = 32, not the hidden size
+    model = tiny_llama(vocab_size=100, num_hidden_layers=3, head_dim=8, tie_word_embeddings=tied, **sizes)
     total = sum(p.numel() for p in model.parameters())
     embedding = 100 * 16
     flops = flops_model(model)

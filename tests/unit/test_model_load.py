@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_model import save_tiny_llama
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from ift_dist.attention import REGISTERED_NAMES, packed_forward_kwargs
 from ift_dist.config import ModelConfig
-from ift_dist.data.types import IGNORE_INDEX, PackedBatch
+from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch
 from ift_dist.model import load_model, resolve_dtype
 
 TINY = {
@@ -41,10 +42,7 @@ class ShoutForCausalLM(LlamaForCausalLM):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tied=False, pad_token_id=None, **TINY)
 
 
 def packed_batch(lengths=(9, 6, 12), total=32, seed=0) -> PackedBatch:
@@ -90,8 +88,9 @@ def test_dtype_rule():
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
+    # The config refuses an unknown dtype; resolve_dtype trusts the config.
     with pytest.raises(ValueError, match=r"model\.dtype"):
-        resolve_dtype("fp8", "cpu")
+        ModelConfig(dtype="fp8").validate("model")
 
 
 def test_explicit_dtype_and_backend_are_honoured(tiny_dir):

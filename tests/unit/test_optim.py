@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ift_dist.config import ConfigError, TrainConfig, load_config
-from ift_dist.optim import batch_plan, learning_rate, parameter_groups, set_learning_rate
+from ift_dist.config import ConfigError, TrainConfig, batch_plan, load_config
+from ift_dist.optim import learning_rate, parameter_groups, set_learning_rate
 
 
 def test_accumulation_steps_are_derived_from_the_global_batch():

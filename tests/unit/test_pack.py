@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from ift_dist.data.contracts import IGNORE_INDEX, RenderedSample, SampleRef
 from ift_dist.data.pack import StreamingPacker, best_fit_decreasing, make_row
-from ift_dist.data.types import IGNORE_INDEX, RenderedSample, SampleRef
 
 
 def synthetic_samples(count: int, *, seed: int = 0, low: int = 1, high: int = 300) -> list[RenderedSample]:

@@ -33,7 +33,7 @@ from ift_dist.attention import (
     packed_forward_kwargs,
     select_backend,
 )
-from ift_dist.data.types import IGNORE_INDEX, PackedBatch
+from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch
 
 VOCAB = 300
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}

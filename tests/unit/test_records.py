@@ -7,8 +7,8 @@ import json
 import pytest
 
 from ift_dist.config import ConfigError, SourceConfig, load_config
+from ift_dist.data.contracts import BadRecord, Conversation, Message, SampleRef
 from ift_dist.data.records import FILTERED, REASONS, convert_record, detect_format, to_conversation
-from ift_dist.data.types import BadRecord, Conversation, Message, SampleRef
 
 REF = SampleRef("unit", 7)
 

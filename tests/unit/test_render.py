@@ -13,10 +13,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from ift_dist.config import ConfigError, DataConfig, SourceConfig
+from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 from ift_dist.data.render import Renderer, load_tokenizer, round_trip_errors, supervised_turns
 from ift_dist.data.sources import open_source
 from ift_dist.data.tool_text import TOOL_RESULT_HEADER, TOOLS_HEADER
-from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 # IFT_REGENERATE_GOLDEN=1 pytest tests/unit/test_render.py -k golden   rewrites tests/golden/render_*.json

@@ -16,8 +16,8 @@ import pytest
 
 from ift_dist.config import SourceConfig
 from ift_dist.data import sources as sources_module
+from ift_dist.data.contracts import Conversation, DataFileError, SampleRef
 from ift_dist.data.sources import RecordSource, open_source
-from ift_dist.data.types import Conversation, DataFileError, SampleRef
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "records"
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_model import tiny_llama
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from ift_dist import export as export_lib
 from ift_dist import train
 from ift_dist.config import Config, DataConfig, SourceConfig, load_config
+from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 from ift_dist.data.render import Renderer, load_tokenizer, round_trip_errors
 from ift_dist.data.sources import open_source
 from ift_dist.data.templates import with_system_prompt
-from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo_cpu.yaml"
@@ -160,27 +161,16 @@ def test_every_real_template_renders_the_system_prompt_as_a_system_message(share
     assert compared >= 60
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,  # SmolLM2's vocabulary
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+def small_llama() -> LlamaForCausalLM:
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+    model = tiny_llama(num_hidden_layers=1, max_position_embeddings=256, tie_word_embeddings=False, **sizes)
+    return model.eval()
 
 
 def test_answer_prompts_and_the_exported_tokenizer_prompt_as_training_does(demo, smollm2, tmp_path):
     cfg = dataclasses.replace(demo, train=dataclasses.replace(demo.train, sample_max_new_tokens=2))
     renderer = Renderer(smollm2, cfg.data)
-    model = tiny_llama()
+    model = small_llama()
     seen = []
     model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True

@@ -9,7 +9,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from ift_dist.config import ConfigError, DataConfig, TemplateSpec, load_config
+from ift_dist.config import ConfigError, DataConfig, Template, TemplateSpec, load_config
+from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 from ift_dist.data.render import Renderer, round_trip_errors, supervised_turns
 from ift_dist.data.templates import (
     BUILTIN_TEMPLATES,
@@ -18,7 +19,6 @@ from ift_dist.data.templates import (
     resolve_chat_template,
 )
 from ift_dist.data.tool_text import as_text
-from ift_dist.data.types import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 
 STANFORD_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -610,3 +610,7 @@ def test_tool_fallback_drop_reports_templates_that_cannot_render_tool_calls(toke
     config = DataConfig(chat_template=real_templates[name]["template"], tool_fallback="drop")
     result = Renderer(tokenizer, config).render(KIND_CHATS["tools"])
     assert isinstance(result, Dropped) and result.reason == "template_drops_tool_calls"
+
+
+def test_every_builtin_template_name_has_a_spec():
+    assert set(BUILTIN_TEMPLATES) == set(Template.values()) - {Template.tokenizer, Template.custom}

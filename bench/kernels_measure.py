@@ -3,8 +3,8 @@
 Peak memory is reported above the inputs and the outputs (the loss and the gradients of hidden and weight), i.e.
 what the loss itself costs:
   CUDA  max_memory_allocated() during the call, minus what was allocated before it, minus the gradients' bytes.
-  CPU   there is no allocator counter, so each measurement runs in a fresh process (`python -m
-        ift_dist.kernels.measure JSON`): the inputs are created and touched, the process' resident-set high-water
+  CPU   there is no allocator counter, so each measurement runs in a fresh process (`python
+        bench/kernels_measure.py JSON`): the inputs are created and touched, the process' resident-set high-water
         mark is reset (Linux: write 5 to /proc/self/clear_refs), one forward+backward runs, and the new high-water
         mark (VmHWM) minus the resident set before the call, minus the gradients' bytes, is the peak. The parent sets
         MALLOC_MMAP_THRESHOLD_ so that glibc serves every buffer above 64 KiB with mmap and returns it on free: the
@@ -47,7 +47,7 @@ def loss_function(impl: str, device: str):
     """A callable (hidden, weight, labels) -> summed loss, or None when the implementation is not available here."""
     functional = torch.nn.functional
     if impl == "ours":
-        from .linear_cross_entropy import fused_linear_cross_entropy
+        from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
 
         return lambda hidden, weight, labels: fused_linear_cross_entropy(
             hidden, weight, labels, reduction="sum"
@@ -157,7 +157,7 @@ def measure_in_fresh_process(case: Case, timeout_s: float = 900.0) -> dict:
     """CPU measurements: a fresh interpreter per case, so the resident-set high-water mark belongs to it alone."""
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(case.threads))
     completed = subprocess.run(
-        [sys.executable, "-m", "ift_dist.kernels.measure", json.dumps(dataclasses.asdict(case))],
+        [sys.executable, str(Path(__file__).resolve()), json.dumps(dataclasses.asdict(case))],
         capture_output=True,
         text=True,
         env=environment,

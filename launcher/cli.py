@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ift_dist import exit_codes
-from ift_dist.config import ConfigError, load_config
-from ift_dist.config_check import check_paths
+from ift_dist.config import ConfigError, check_paths, load_config
 from ift_dist.launcher.local import LaunchError, launch_local, plan_local, validate_world_size
 from ift_dist.launcher.quoting import UnsafeValueError
 from ift_dist.launcher.slurm import (

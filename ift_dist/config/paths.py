@@ -1,85 +1,20 @@
-"""What a run config names, checked against what exists: its keys against the schema (an unknown key gets the
-closest valid one), its local paths against this machine (a relative path says what it was resolved against).
-
-ift_dist/config.py calls the key check while loading; the launcher calls `check_paths` before it starts any rank, so
-that a typo costs a second, not a rendezvous. Torch-free (the launcher runs on login nodes).
+"""The local paths a run config names, checked against this machine before any rank starts, so that a typo costs a
+second, not a rendezvous (a relative path's error says what it was resolved against). Torch-free: the launcher runs it
+on login nodes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import glob
 import re
-import types
-import typing
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from ift_dist.config import Config, ConfigError
+from ift_dist.config.checks import ConfigError
+from ift_dist.config.schema import Config
 
 # A Hugging Face repo id: "name" or "namespace/name" of letters, digits, "-", "_", "." (from_pretrained's own test
 # is "not a local directory"; a missing path of this shape may be a hub id and is left to it).
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-# --------------------------------------------------------------------------------------------------- keys
-
-
-def _fields(hint: Any) -> dict[str, Any] | None:
-    """Field name -> annotation of a dataclass annotation (`X | None` too); None for a list, mapping or value."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    if not dataclasses.is_dataclass(hint):
-        return None
-    hints = typing.get_type_hints(hint)
-    return {item.name: hints[item.name] for item in dataclasses.fields(hint)}
-
-
-def schema_key(parts: list[str], schema: type = Config, where: str = "") -> str:
-    """A key given as its parts (``["data", "sources", "0", "weight"]``), checked against the schema and written as
-    errors name it (``data.sources[0].weight``). Raises ConfigError for a part that is not a field of its section,
-    naming the closest valid key (`where` is appended, e.g. the file). Keys inside a mapping field (``placeholders``,
-    ``columns``, ...) are free."""
-    hint, shown = schema, ""
-    for index, part in enumerate(parts):
-        fields = _fields(hint)
-        if typing.get_origin(hint) is list and part.isdigit():
-            hint, shown = typing.get_args(hint)[0], f"{shown}[{part}]"
-        elif fields is None:
-            return ".".join([shown, *parts[index:]])
-        elif part not in fields:
-            key = f"{shown}.{part}" if shown else part
-            close = difflib.get_close_matches(part, list(fields), n=1)
-            if close:
-                suggestion = f"did you mean {shown}{'.' if shown else ''}{close[0]}?"
-            else:
-                suggestion = f"the keys of {shown or 'a config'} are {', '.join(fields)}"
-            raise ConfigError(f"{key}: unknown key; {suggestion}{where}")
-        else:
-            hint, shown = fields[part], f"{shown}.{part}" if shown else part
-    return shown
-
-
-def _leaf_keys(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[list[str]]:
-    """The key of every value of a YAML document, as parts (a list element's index is a part)."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    empty = True
-    for name, item in items:
-        empty = False
-        yield from _leaf_keys(item, (*prefix, str(name)))
-    if empty and prefix:
-        yield list(prefix)
-
-
-def check_keys(document: Any, schema: type = Config, where: str = "") -> None:
-    """Every key of a loaded YAML document must be in the schema; ConfigError names the first one that is not."""
-    for parts in _leaf_keys(document):
-        schema_key(parts, schema, where)
-
-
-# --------------------------------------------------------------------------------------------------- paths
 
 
 def relative_path_note(path: str | Path, config_file: str | Path | None = None) -> str:

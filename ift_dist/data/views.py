@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ift_dist.data.types import IGNORE_INDEX, RenderedSample
+from ift_dist.data.contracts import IGNORE_INDEX, RenderedSample
 
 _GREEN = "\x1b[1;32m"
 _RESET = "\x1b[0m"

@@ -1,12 +1,12 @@
 """Benchmark CLI: forward+backward time and peak memory of each linear cross-entropy, one table per device.
 
-    python -m ift_dist.kernels.bench                 # CPU table, then the CUDA table when a GPU is present
-    python -m ift_dist.kernels.bench --devices cuda --repeats 20
+    python bench/kernels_bench.py                    # CPU table, then the CUDA table when a GPU is present
+    python bench/kernels_bench.py --devices cuda --repeats 20
 
 Implementations side by side: ours (`fused_linear_cross_entropy`, automatic dispatch), plain torch
 (F.cross_entropy(hidden @ weight.T)), torch's own chunked F.linear_cross_entropy when the installed torch has it, and
 Liger-Kernel's fused linear cross-entropy (default bf16 accumulation, and with accum_dtype=fp32) when installed and on
-CUDA. How time and memory are measured: `measure.py`.
+CUDA. How time and memory are measured: `kernels_measure.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import subprocess
 from typing import NamedTuple
 
 import torch
-
-from .measure import IMPLS, Case, measure_here, measure_in_fresh_process
+from kernels_measure import IMPLS, Case, measure_here, measure_in_fresh_process
 
 
 class Shape(NamedTuple):
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             custom_grid.append(Shape(int(tokens), int(hidden_size), int(vocab_size), dtype, float(ignored)))
     print(f"# fused linear cross-entropy benchmark, {datetime.date.today().isoformat()}")
     print(
-        "# time: median of forward+backward; peak: memory above inputs and outputs (see kernels/measure.py)"
+        "# time: median of forward+backward; peak: memory above inputs and outputs (see bench/kernels_measure.py)"
     )
     for device in devices:
         grid = custom_grid or (CPU_GRID if device == "cpu" else CUDA_GRID)

@@ -1,0 +1,75 @@
+"""Whether a resume may use the new config: the keys that may change (how the run is carried out or reported) and
+the refusal, naming every other changed key with its old and new value. docs/checkpoints.md."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ift_dist.checkpoint.discovery import Resume
+from ift_dist.config import Config, ConfigError, to_dict
+
+logger = logging.getLogger(__name__)
+
+# Config keys a resume may change: they alter how the run is carried out or reported, not what it computes
+# (prefix match). Any other changed key is refused unless checkpoint.force_resume is set.
+SAFE_TO_CHANGE = (
+    "output_dir",
+    "tracking.",
+    "checkpoint.",
+    "export.",
+    "train.eval_every",
+    "train.eval_batch_rows",
+    "train.sample_prompts",
+    "train.sample_max_new_tokens",
+    "train.max_bad_steps",
+    "train.save_at_end",
+    "train.micro_batch_rows",  # the global batch stays the same rows; only the accumulation changes
+    "train.zero_config",  # ZeRO knobs: sharding, buckets, offload
+    "model.attention",  # every backend computes the same attention
+    "model.gradient_checkpointing",
+    "data.num_workers",
+    "data.eval_sources",
+)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(refused, allowed): the dotted keys whose value differs between two resolved configs (to_dict)."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    changed = sorted(
+        key for key in old_flat.keys() | new_flat.keys() if old_flat.get(key) != new_flat.get(key)
+    )
+    allowed = [key for key in changed if key.startswith(SAFE_TO_CHANGE)]
+    return [key for key in changed if key not in allowed], allowed
+
+
+def check_config(resume: Resume, cfg: Config) -> None:
+    """Refuse a resume whose config changes what the run computes, naming the keys (unless forced)."""
+    old, new = resume.state["config"], to_dict(cfg)
+    refused, allowed = config_changes(old, new)
+    if allowed:
+        logger.info("resuming with changed settings: %s", ", ".join(allowed))
+    if not refused:
+        return
+    old_flat, new_flat = flatten(old), flatten(new)
+    listing = "; ".join(f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}" for key in refused)
+    if cfg.checkpoint.force_resume:
+        logger.warning(
+            "resuming from %s with changed settings (checkpoint.force_resume): %s", resume.path, listing
+        )
+        return
+    raise ConfigError(
+        f"checkpoint.resume: the config differs from the one of checkpoint {resume.path} in keys that change the "
+        f"run: {listing}. Restore them, start a new output_dir, or set checkpoint.force_resume=true"
+    )

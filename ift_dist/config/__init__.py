@@ -1,0 +1,84 @@
+"""The typed run configuration, the one door to it: `from ift_dist.config import Config, load_config, DType, ...`.
+
+choices.py  the str-Enums of every closed set of values          checks.py  ConfigError and the shared value checks
+schema.py   Config and its sections; derived values              data_schema.py  the data section (TemplateSpec too)
+batch.py    the batch geometry (BatchPlan)                       load.py    YAML + overrides -> validated Config, save
+paths.py    the paths a config names, checked before any rank starts
+"""
+
+from ift_dist.config.batch import BatchPlan, batch_plan
+from ift_dist.config.checks import ConfigError
+from ift_dist.config.choices import (
+    AttentionBackend,
+    Choice,
+    DType,
+    LossMode,
+    LrSchedule,
+    OnBadRecord,
+    OnSaveError,
+    Overlong,
+    RecordFormat,
+    SourceRole,
+    Supervise,
+    Template,
+    ToolFallback,
+    WandbMode,
+)
+from ift_dist.config.data_schema import (
+    TEMPLATE_PLACEHOLDERS,
+    TEMPLATE_TOKENS,
+    DataConfig,
+    SourceConfig,
+    TemplateSpec,
+)
+from ift_dist.config.load import check_keys, load_config, save_config, schema_key, to_dict, to_yaml
+from ift_dist.config.paths import check_paths, relative_path_note
+from ift_dist.config.schema import (
+    CheckpointConfig,
+    Config,
+    ExportConfig,
+    ModelConfig,
+    TrackingConfig,
+    TrainConfig,
+    WandbConfig,
+)
+
+__all__ = [
+    "TEMPLATE_PLACEHOLDERS",
+    "TEMPLATE_TOKENS",
+    "AttentionBackend",
+    "BatchPlan",
+    "CheckpointConfig",
+    "Choice",
+    "Config",
+    "ConfigError",
+    "DType",
+    "DataConfig",
+    "ExportConfig",
+    "LossMode",
+    "LrSchedule",
+    "ModelConfig",
+    "OnBadRecord",
+    "OnSaveError",
+    "Overlong",
+    "RecordFormat",
+    "SourceConfig",
+    "SourceRole",
+    "Supervise",
+    "Template",
+    "TemplateSpec",
+    "ToolFallback",
+    "TrackingConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "WandbMode",
+    "batch_plan",
+    "check_keys",
+    "check_paths",
+    "load_config",
+    "relative_path_note",
+    "save_config",
+    "schema_key",
+    "to_dict",
+    "to_yaml",
+]

@@ -1,0 +1,143 @@
+"""Every closed set of values a config key can take, one str-Enum per set, imported wherever the set is needed.
+
+A member's name is its value (`DType.float32 == "float32"`), so the YAML, the CLI and the saved config.yaml hold plain
+strings, OmegaConf converts them by name, and a member compares, hashes and formats as its string.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A str-Enum that behaves as its value everywhere: equality, hashing (dict keys), str() and f-strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, format_spec: str) -> str:
+        return format(self.value, format_spec)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+class DType(Choice):
+    """Weight dtype of training (model.dtype) and of an export (export.dtype, `ift export --dtype`); auto: see each."""
+
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class AttentionBackend(Choice):
+    """Attention kernel for packed rows (model.attention); auto picks the fastest that runs (ift_dist/attention.py)."""
+
+    auto = "auto"
+    flash_attn = "flash_attn"
+    torch_varlen = "torch_varlen"
+    flex = "flex"
+    sdpa = "sdpa"
+    eager = "eager"
+
+
+class LossMode(Choice):
+    """train.loss: fused linear cross-entropy (ift_dist.kernels) or the model's logits + torch cross-entropy."""
+
+    fused = "fused"
+    reference = "reference"
+
+
+class LrSchedule(Choice):
+    """train.lr_schedule: the decay after warmup."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class RecordFormat(Choice):
+    """data.sources[].format: how a file's rows are read; auto detects it per file."""
+
+    auto = "auto"
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+    openai = "openai"
+    firefly = "firefly"
+
+
+class SourceRole(Choice):
+    """The roles a file's role value may be mapped to (data.sources[].roles)."""
+
+    system = "system"
+    user = "user"
+    assistant = "assistant"
+    tool = "tool"
+    function_call = "function_call"
+
+
+class Template(Choice):
+    """data.template: the tokenizer's own chat template, a custom TemplateSpec, or a built-in one
+    (ift_dist.data.templates.BUILTIN_TEMPLATES holds a spec for every other member)."""
+
+    tokenizer = "tokenizer"
+    custom = "custom"
+    alpaca = "alpaca"
+    llama2 = "llama2"
+    chatml = "chatml"
+    llama3 = "llama3"
+    phi3 = "phi3"
+    vicuna = "vicuna"
+    stablebeluga = "stablebeluga"
+    guanaco = "guanaco"
+
+
+class Supervise(Choice):
+    """data.supervise: which tokens carry loss."""
+
+    assistant = "assistant"
+    last_assistant = "last_assistant"
+    all = "all"
+
+
+class ToolFallback(Choice):
+    """data.tool_fallback: tool calls with a chat template that does not render them."""
+
+    text = "text"
+    drop = "drop"
+
+
+class Overlong(Choice):
+    """data.overlong: a sample whose first exchange alone exceeds data.max_length."""
+
+    drop = "drop"
+    truncate = "truncate"
+
+
+class OnBadRecord(Choice):
+    """data.on_bad_record: a record that cannot be turned into a conversation."""
+
+    skip = "skip"
+    error = "error"
+
+
+class WandbMode(Choice):
+    """tracking.wandb.mode."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+# "continue" is a keyword, so this set is declared with the functional API (the member name must be the value).
+OnSaveError = Choice(
+    "OnSaveError", {"stop": "stop", "continue": "continue"}, module=__name__, qualname="OnSaveError"
+)
+OnSaveError.__doc__ = (
+    "checkpoint.on_save_error: a save that fails on any rank stops the run or training continues."
+)
