@@ -36,17 +36,20 @@ if [ "$DEPS" = locked ]; then
   fi
 fi
 
+TORCH=()
 if [ "$GPU" = 1 ]; then
   "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" torch # a CUDA build from the index
 else
-  # The CPU build: plain `torch` would pull several GB of CUDA packages onto a machine without a GPU.
-  "${PIP[@]}" "torch==2.13.0"
+  # The CPU build: plain `torch` (or an upgrade of it) would pull several GB of CUDA packages onto a machine
+  # without a GPU, so it stays pinned here, also for IFT_DEPS=latest.
+  TORCH=("torch==2.13.0")
+  "${PIP[@]}" "${TORCH[@]}"
 fi
 # setuptools warns on every editable install of a flat layout that a folder named like the package (ift_dist/) may
 # take precedence during imports; here it is the package itself (tests/unit/test_import_shadowing.py guards the rest).
 export PYTHONWARNINGS="ignore:Editable installation"
 if [ "$DEPS" = latest ]; then
-  "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev]"
+  "${PIP[@]}" --upgrade --upgrade-strategy eager -e ".[dev]" "${TORCH[@]}"
 else
   "${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[dev]"
 fi
