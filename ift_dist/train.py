@@ -140,12 +140,9 @@ def train(cfg: Config) -> int:
     model, backend = load_model(
         cfg.model, device=device, training=True, init_context=engine_lib.zero3_init(ds_config)
     )
-    if (
-        cfg.model.gguf_file
-    ):  # transformers dequantizes GGUF outside zero.Init; deepspeed.initialize partitions it
-        logger.info(
-            "GGUF: loaded whole on every rank, then partitioned by ZeRO-3 (a Hugging Face directory is not)"
-        )
+    # transformers dequantizes a GGUF file outside zero.Init; deepspeed.initialize partitions it afterwards
+    if cfg.model.gguf_file:
+        logger.info("GGUF: loaded whole on every rank, then partitioned by ZeRO-3 (a model directory is not)")
     else:
         engine_lib.check_partitioned(model)  # loaded under zero3_init: each rank holds only its shard
     model.train()  # load_model leaves it in eval()
