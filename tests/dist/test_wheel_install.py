@@ -12,6 +12,7 @@ import sys
 import venv
 
 import pytest
+from built_wheel import build_wheel
 from dist_helpers import REPO, TINY_CONFIG, free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -26,20 +27,7 @@ def run(command: list[str], **options) -> subprocess.CompletedProcess:
 
 
 def test_wheel_without_extras_trains_a_zero3_step(tmp_path, tiny_model):
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ]
-    )
-    (wheel,) = tmp_path.glob("ift_dist-*.whl")
+    wheel = build_wheel(tmp_path)
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
     python = environment / "bin" / "python"
