@@ -172,13 +172,9 @@ def launch_local(plan: LocalLaunch, environ: Mapping[str, str]) -> int:
             # Rank 0 writes it (it runs here when we follow its log) once the final checkpoint is committed.
             finished_record=Path(scratch) / "finished" if plan.follow_rank_log else None,
         )
-    if outcome.finished and outcome.code != 0:
-        # A crash while the processes tear down (after the final checkpoint) does not undo a finished run.
-        logger.warning(
-            "the run finished, but a rank exited with %d while shutting down; exit 0", outcome.code
-        )
-        return 0
-    return outcome.code
+    # A crash while the processes tear down (after the final checkpoint; run_training has said so) does not undo
+    # a finished run.
+    return 0 if outcome.finished else outcome.code
 
 
 __all__ = ["ConfigError", "LaunchError", "LocalLaunch", "launch_local", "plan_local", "validate_world_size"]
