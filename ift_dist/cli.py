@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_export_arguments(export)
 
+    from ift_dist.eval.cli import add_arguments as add_eval_arguments  # torch-free at import
+
+    add_eval_arguments(
+        commands.add_parser(
+            "eval", help="benchmarks (MMLU, C-Eval, CMMLU) and held-out perplexity; docs/eval.md"
+        )
+    )
+
     launch = commands.add_parser(
         "launch", help="train here, on a hostfile's machines or as a Slurm job (--slurm); docs/launch.md"
     )
@@ -107,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             from ift_dist.export import run as export
 
             return export(args)
+        if args.command == "eval":
+            from ift_dist.eval.cli import run as evaluate
+
+            return evaluate(args, sys.argv[1:] if argv is None else list(argv))
         if args.command == "launch":
             from ift_dist.launcher.cli import run as launch
 

@@ -77,6 +77,15 @@ def any_rank(flag: bool) -> bool:
     return all_reduce([float(flag)], "max")[0] > 0
 
 
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` on every rank (a picklable object: a path, a name)."""
+    if not (is_initialized() and world_size() > 1):
+        return value
+    holder = [value]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     if is_initialized() and world_size() > 1:
         torch_dist.barrier()

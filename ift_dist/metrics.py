@@ -216,6 +216,19 @@ class RunLogger:
         if self.run is not None:
             self.run.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def benchmarks(self, record: dict[str, Any]) -> None:
+        """The eval.benchmarks scores of one step (eval/<benchmark>/acc, ...)."""
+        if not self.enabled:
+            return
+        self._write(record)
+        scores = ", ".join(
+            f"{key.split('/')[1]} acc {value:.4f}" for key, value in record.items() if key.endswith("/acc")
+        )
+        seconds = sum(value for key, value in record.items() if key.endswith("/seconds"))
+        self.bar.write(f"step {record['step']}: {scores} ({seconds:.1f} s)")
+        if self.run is not None:
+            self.run.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
+
     def samples(self, step: int, when: str, answers: list[tuple[str, str]]) -> None:
         """Greedy answers to train.sample_prompts, before or after training."""
         if not self.enabled:

@@ -13,6 +13,7 @@ the batch arithmetic, the loss normalisation and every logged metric; docs/check
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import sys
@@ -37,6 +38,7 @@ from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch, RenderedSample
 from ift_dist.data.loader import PackedLoader, build_loader, scan_sources
 from ift_dist.data.render import Renderer, load_tokenizer, pad_token_id
 from ift_dist.data.views import format_sample
+from ift_dist.eval.in_training import check_benchmarks, score_benchmarks
 from ift_dist.loss import CausalLMLoss, deepspeed_backward_loss
 from ift_dist.metrics import RunLogger, flops_model, memory_gb, peak_flops
 from ift_dist.model import load_model, resolve_dtype
@@ -112,6 +114,7 @@ def train(cfg: Config) -> int:
     tokenizer = load_tokenizer(cfg.tokenizer_path)
 
     renderer = Renderer(tokenizer, cfg.data)
+    check_benchmarks(cfg.eval.benchmarks)  # their files are read now, not at the first evaluation
     if cfg.data.prepared:
         logger.info("reading the prepared data %s", cfg.data.prepared)
     else:
@@ -186,6 +189,10 @@ def train(cfg: Config) -> int:
     )
     if before:
         log.samples(0, "before", before)
+    benchmarks = functools.partial(score_benchmarks, model, tokenizer, cfg.eval.benchmarks, run=run, backend=backend,
+                                   device=device, chat_template=renderer.chat_template)  # fmt: skip
+    if cfg.eval.benchmarks and cfg.eval.at_start and progress.step == 0:
+        log.benchmarks(benchmarks(step=0))
     policy = SavePolicy(cfg.checkpoint, cfg.train.max_steps, signals, deadline)
 
     # ================================================================================================ loop
@@ -263,8 +270,11 @@ def train(cfg: Config) -> int:
             log.close()  # metrics.jsonl and the W&B run end with the failed step
             raise TooManyBadSteps(failure)
         every = cfg.train.eval_every
-        if eval_loader is not None and every and step % every == 0 and step < cfg.train.max_steps:
-            log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))  # the last step: below
+        if every and step % every == 0 and step < cfg.train.max_steps:  # the last step: below
+            if eval_loader is not None:
+                log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
+            if cfg.eval.benchmarks:
+                log.benchmarks(benchmarks(step=step))
         decision = policy.decide(step, seconds)  # every rank: the same answer
         if decision.save:
             saved = save_checkpoint(checkpointer, train_loader, log, policy, decision.reason)
@@ -280,6 +290,8 @@ def train(cfg: Config) -> int:
         return exit_codes.REQUEUE
     if eval_loader is not None:
         log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
+    if cfg.eval.benchmarks:
+        log.benchmarks(benchmarks(step=step))
     if cfg.train.sample_prompts:
         log.samples(step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
     if cfg.train.save_at_end and saved_step != step:

@@ -60,6 +60,7 @@ start=$(date +%s)
 .venv/bin/ift train "${CONFIG[@]}" "${GPUS[@]}"
 seconds=$(( $(date +%s) - start ))
 .venv/bin/python - "$seconds" "${CONFIG[@]}" <<'EOF'
+import json
 import sys
 from pathlib import Path
 
@@ -68,6 +69,14 @@ from ift_dist.export import chat_command, export_dir, resolve_checkpoint
 
 seconds, cfg = int(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
 exported = export_dir(cfg)
+run = Path(cfg.output_dir)
+answers = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+scores = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/mmlu/acc" in r]
+print("\ndemo: before and after fine-tuning")
+for when, record in (("before", scores[0] if scores else None), ("after", scores[-1] if scores else None)):
+    answer = next((a["answer"] for a in answers if a["when"] == when), "")
+    mmlu = f"MMLU subset {record['eval/mmlu/acc']:.1%} of {record['eval/mmlu/questions']}" if record else ""
+    print(f"  {when:6s}  {mmlu}   'Who are you?' -> {answer!r}")
 print(f"""
 demo: trained in {seconds // 60} min {seconds % 60} s; in {cfg.output_dir}/: metrics.jsonl, samples.jsonl (the answers)
   final checkpoint:    {resolve_checkpoint(Path(cfg.output_dir))}

@@ -36,3 +36,13 @@ def pytest_collection_modifyitems(config, items):
 def shared_dir() -> Path:
     assert SHARED.is_dir(), f"../shared not found beside the repository at {SHARED}"
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 HF directory with its tokenizer (tests/smollm2.py); once per session."""
+    from smollm2 import write_smollm2_dir
+
+    return write_smollm2_dir(
+        tmp_path_factory.mktemp("models") / "smollm2-135m-instruct", TOKENIZERS / "smollm2-135m-instruct"
+    )

@@ -2,6 +2,7 @@
 
     <output_dir>/
       config.yaml  metrics.jsonl  samples.jsonl  wandb_run_id  logs/  model_files/  hf_model/
+      eval/step_<N>/<benchmark>/  predictions.jsonl  results.json      (eval.benchmarks scored during training)
       checkpoints/
         latest                  "step_<N>", the newest complete checkpoint
         step_<N>/               zero_pp_rank_*  <component>_rank_<r>.pt  train_state.json  model_files/  complete.json
@@ -104,6 +105,10 @@ class RunDir:
     def latest(self) -> Path:
         """The file naming the newest complete checkpoint."""
         return self.checkpoints / LATEST
+
+    def eval_results(self, step: int, label: str) -> Path:
+        """Where the benchmark `label` (eval.benchmarks) scored after optimizer step `step` writes its results."""
+        return self.root / "eval" / f"{STEP_PREFIX}{step}" / label
 
     def step(self, step: int) -> Path:
         """The checkpoint directory of optimizer step `step`."""

@@ -4,6 +4,7 @@ choices.py  the str-Enums of every closed set of values          checks.py  Conf
 schema.py   Config and its sections; derived values              data_schema.py  the data section (TemplateSpec too)
 batch.py    the batch geometry (BatchPlan)                       load.py    YAML + overrides -> validated Config, save
 paths.py    the paths a config names, checked before any rank starts
+eval_schema.py  the eval section (BenchmarkConfig: one multiple-choice benchmark)
 """
 
 from ift_dist.config.batch import BatchPlan, batch_plan
@@ -14,9 +15,11 @@ from ift_dist.config.choices import (
     DType,
     LossMode,
     LrSchedule,
+    McScoring,
     OnBadRecord,
     OnSaveError,
     Overlong,
+    PromptFormat,
     RecordFormat,
     SourceRole,
     Supervise,
@@ -31,6 +34,7 @@ from ift_dist.config.data_schema import (
     SourceConfig,
     TemplateSpec,
 )
+from ift_dist.config.eval_schema import BENCHMARK_NAMES, BenchmarkConfig, EvalConfig, benchmark_label
 from ift_dist.config.load import check_keys, load_config, save_config, schema_key, to_dict, to_yaml
 from ift_dist.config.paths import check_paths, relative_path_note
 from ift_dist.config.schema import (
@@ -44,23 +48,28 @@ from ift_dist.config.schema import (
 )
 
 __all__ = [
+    "BENCHMARK_NAMES",
     "TEMPLATE_PLACEHOLDERS",
     "TEMPLATE_TOKENS",
     "AttentionBackend",
     "BatchPlan",
+    "BenchmarkConfig",
     "CheckpointConfig",
     "Choice",
     "Config",
     "ConfigError",
     "DType",
     "DataConfig",
+    "EvalConfig",
     "ExportConfig",
     "LossMode",
     "LrSchedule",
+    "McScoring",
     "ModelConfig",
     "OnBadRecord",
     "OnSaveError",
     "Overlong",
+    "PromptFormat",
     "RecordFormat",
     "SourceConfig",
     "SourceRole",
@@ -73,6 +82,7 @@ __all__ = [
     "WandbConfig",
     "WandbMode",
     "batch_plan",
+    "benchmark_label",
     "check_keys",
     "check_paths",
     "load_config",

@@ -141,3 +141,22 @@ OnSaveError = Choice(
 OnSaveError.__doc__ = (
     "checkpoint.on_save_error: a save that fails on any rank stops the run or training continues."
 )
+
+
+class McScoring(Choice):
+    """How a multiple-choice answer is scored (`ift eval mc --scoring`, eval.benchmarks[].scoring); docs/eval.md.
+
+    letter: log-likelihood of " A".." D" after "Answer:" (original MMLU, lm-evaluation-harness `mmlu`).
+    option_text: log-likelihood of each option's text (lm-eval `mmlu_continuation`), with length-normalised accuracy.
+    """
+
+    letter = "letter"
+    option_text = "option_text"
+
+
+class PromptFormat(Choice):
+    """How a multiple-choice prompt is written: plain text (lm-evaluation-harness's prompt) or a multi-turn chat
+    through the model's own chat template (each few-shot example a user turn and an assistant answer)."""
+
+    plain = "plain"
+    chat = "chat"

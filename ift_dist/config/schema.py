@@ -12,6 +12,7 @@ from ift_dist.config.batch import BatchPlan, batch_plan
 from ift_dist.config.checks import ConfigError, check_choices, check_positive
 from ift_dist.config.choices import AttentionBackend, DType, LossMode, LrSchedule, OnSaveError, WandbMode
 from ift_dist.config.data_schema import DataConfig
+from ift_dist.config.eval_schema import EvalConfig
 
 # --------------------------------------------------------------------------------------------------- model
 
@@ -79,8 +80,8 @@ class TrainConfig:
     # "fused": hidden states -> fused linear cross-entropy (ift_dist.kernels), never holding the full-vocabulary
     # logits; "reference": the model's own logits -> torch cross-entropy (the executable specification).
     loss: LossMode = LossMode.fused
-    # Evaluate every N optimizer steps (0 = only at the end). Needs data.eval_sources or data.eval_fraction; without
-    # either there is no evaluation.
+    # Evaluate every N optimizer steps (0 = only at the end): the eval loss (needs data.eval_sources or
+    # data.eval_fraction) and eval.benchmarks; with neither there is no evaluation.
     eval_every: int = 0
     # Non-finite (NaN/inf) loss or gradient norm: the step is skipped; this many skipped steps in a row stop the run
     # with exit code 3.
@@ -239,6 +240,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
@@ -247,6 +249,7 @@ class Config:
         self.tracking.validate("tracking")
         self.checkpoint.validate("checkpoint")
         self.export.validate("export")
+        self.eval.validate("eval")
         tokens = self.train.global_batch_tokens
         if tokens is not None and tokens % self.data.max_length:
             raise ConfigError(

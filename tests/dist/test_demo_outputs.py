@@ -6,10 +6,12 @@ the run prints answers with that export."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from dist_helpers import REPO, Run, check, launch
@@ -31,6 +33,8 @@ DEMO_KEYS = (
     "export.at_end",
     "export.dir",
     "export.dtype",
+    "eval.at_start",
+    "eval.benchmarks",
 )
 
 
@@ -85,3 +89,48 @@ def test_the_printed_chat_command_answers_with_the_export(demo_like):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()  # the random tiny model's answer
     assert "warning" not in result.stderr.lower(), result.stderr
+
+
+def predictions(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_mmlu_is_scored_before_and_after_training(demo_like):
+    subset = load_config(DEMO_CONFIG).eval.benchmarks[0]
+    questions = len(subset.subjects) * subset.limit
+    records = [record for record in demo_like.records() if "eval/mmlu/acc" in record]
+    assert [record["step"] for record in records] == [0, 2]
+    assert [record["eval/mmlu/questions"] for record in records] == [questions, questions]
+    before, after = (predictions(demo_like.output_dir / "eval" / f"step_{step}" / "mmlu") for step in (0, 2))
+    assert [p["id"] for p in before] == [p["id"] for p in after] and len(before) == questions
+    assert [p["scores"] for p in before] != [p["scores"] for p in after]  # scored with the trained weights
+    assert re.search(r"step 0: mmlu acc \d\.\d{4}", demo_like.output)
+    assert re.search(r"step 2: mmlu acc \d\.\d{4}", demo_like.output)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("ranks, source", [(1, "hf_model"), (2, "checkpoints/step_2")])
+def test_ift_eval_mc_equals_the_scores_of_training(demo_like, ranks, source, tmp_path):
+    """ZeRO-3 scoring on the training ranks == `ift eval mc` on that step's weights (the export, or the checkpoint
+    exported on the fly), on 1 rank and on 2: the same predictions, the same scores."""
+    subset = load_config(DEMO_CONFIG).eval.benchmarks[0]
+    out = tmp_path / "mmlu"
+    command = [str(Path(sys.executable).with_name("ift")), "eval", "mc", str(demo_like.output_dir / source)]
+    command += ["--benchmark", "mmlu", "--subjects", *subset.subjects, "--limit", str(subset.limit)]
+    command += ["--out", str(out), "--num-gpus", str(ranks)]
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, env=environment)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "| micro |" in result.stdout or "micro" in result.stdout
+    trained = predictions(demo_like.output_dir / "eval" / "step_2" / "mmlu")
+    scored = predictions(out)
+    assert [p["id"] for p in scored] == [p["id"] for p in trained]
+    assert [p["predicted"] for p in scored] == [p["predicted"] for p in trained]
+    for ours, theirs in zip(scored, trained, strict=True):
+        assert ours["scores"] == pytest.approx(theirs["scores"], abs=1e-4), ours["id"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["summary"]["acc"] == pytest.approx(
+        next(r for r in demo_like.records() if r.get("step") == 2 and "eval/mmlu/acc" in r)["eval/mmlu/acc"]
+    )
+    # the on-the-fly export is removed again
+    assert not list((demo_like.output_dir).glob(".eval-*"))
