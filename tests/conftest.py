@@ -6,11 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data"
-TOKENIZERS = SHARED / "tokenizers"
+from shared_paths import DATA, REPO, SHARED, TOKENIZERS  # noqa: F401  (re-exported for older tests)
 
 # Tests run on 2-core machines: one thread per process keeps multi-process tests from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

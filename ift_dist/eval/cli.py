@@ -1,7 +1,11 @@
-"""`ift eval mc|ppl`: parse, load the model on every rank, run the evaluation, write and print on rank 0.
+"""`ift eval mc|ppl|generate|ifeval|judge`: parse, load the model on every rank, run the evaluation, write and print
+on rank 0 (the judge needs no model: it calls an endpoint).
 
     ift eval mc MODEL_OR_RUN --benchmark mmlu [--subjects ...] [--shots 5] [--scoring letter] [--num-gpus N]
     ift eval ppl MODEL_OR_RUN --data FILE... [--template ...] [--num-gpus N]
+    ift eval generate MODEL_OR_RUN --prompts vicuna_bench [--limit N] [--temperature T] [--num-gpus N]
+    ift eval ifeval MODEL_OR_RUN [--limit N] [--num-gpus N]     (or --answers DIR: score earlier answers)
+    ift eval judge --answers DIR... [--baseline DIR] --judge-url URL --judge-model NAME
     deepspeed --num_gpus N --module ift_dist.eval mc ...      (what `--num-gpus N` runs; N ranks, a replica each)
 
 Exit codes: 0 done, 1 the evaluation failed (a bad benchmark file, a model that does not load), 2 bad arguments.
@@ -20,6 +24,8 @@ from typing import Any
 
 from ift_dist import exit_codes
 from ift_dist.config import BENCHMARK_NAMES, BenchmarkConfig, ConfigError, DType, McScoring, PromptFormat
+from ift_dist.eval.cli_generate import add_generate_arguments, run_generate, run_ifeval, run_ifeval_on_file
+from ift_dist.eval.judge import add_judge_arguments, run_judge
 
 logger = logging.getLogger("ift_dist.eval")
 
@@ -63,10 +69,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ppl.add_argument("--max-length", type=int, help="data.max_length (default: the run's, else 2048)")
     ppl.add_argument("--batch-rows", type=int, default=4, help="rows per forward pass")
 
+    generate = commands.add_parser("generate", help="answers to held-out prompts (MT-bench, Vicuna, ...)")
+    _add_common(generate)
+    add_generate_arguments(generate)
+    ifeval = commands.add_parser("ifeval", help="IFEval: generate, then lm-eval's instruction checkers")
+    _add_common(ifeval, model_optional=True)
+    add_generate_arguments(ifeval, ifeval=True)
+    ifeval.add_argument("--answers", help="score this answers.jsonl (or its directory) instead of generating")
+    judge = commands.add_parser("judge", help="an LLM judge on answers: MT-bench single grades or pairwise")
+    add_judge_arguments(judge)
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+
+def _add_common(parser: argparse.ArgumentParser, *, model_optional: bool = False) -> None:
     parser.add_argument(
-        "model", help="a Hugging Face model directory, a run directory or a step_<N> checkpoint"
+        "model",
+        nargs="?" if model_optional else None,
+        help="a Hugging Face model directory, a run directory or a step_<N> checkpoint",
     )
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     parser.add_argument(
@@ -81,6 +99,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """`ift eval ...` from the `ift` command: here in this process, or on --num-gpus ranks through DeepSpeed's
     launcher (argv: the command line after `ift`)."""
+    if args.eval_command == "judge":
+        return run_judge(args)
+    if args.eval_command == "ifeval" and (args.answers or not args.model):
+        return _without_model(args)
     if args.num_gpus > 1 and "WORLD_SIZE" not in os.environ:
         return _spawn(args.num_gpus, argv[argv.index("eval") + 1 :])
     return evaluate(args)
@@ -122,6 +144,21 @@ def _spawn(ranks: int, argv: list[str]) -> int:
     return subprocess.call(command, env=environ)
 
 
+def _without_model(args: argparse.Namespace) -> int:
+    if not args.answers:
+        print(
+            "ift eval ifeval: give MODEL_OR_RUN (generate, then score) or --answers (score)", file=sys.stderr
+        )
+        return exit_codes.CONFIG_ERROR
+    from ift_dist.eval.ifeval import IfevalError
+
+    try:
+        return run_ifeval_on_file(args)
+    except (IfevalError, OSError, ValueError) as error:
+        print(f"ift eval: {error}", file=sys.stderr)
+        return exit_codes.FAILED
+
+
 def evaluate(args: argparse.Namespace) -> int:
     """Every rank: load, evaluate, and (rank 0) write and print."""
     from ift_dist import dist
@@ -137,12 +174,17 @@ def evaluate(args: argparse.Namespace) -> int:
             cfg.validate("ift eval mc")
         from ift_dist.eval.benchmarks import BenchmarkError
         from ift_dist.eval.model_source import model_directory
+        from ift_dist.eval.prompt_sets import set_label
 
         with model_directory(args.model, dtype=args.dtype) as source:
             model, tokenizer = load_for_eval(source.directory, args.tokenizer, args.dtype)
             if args.eval_command == "mc":
                 return _run_mc(args, cfg, source, model, tokenizer)
-            return _run_ppl(args, source, model, tokenizer)
+            if args.eval_command == "ppl":
+                return _run_ppl(args, source, model, tokenizer)
+            runner = run_generate if args.eval_command == "generate" else run_ifeval
+            name = f"generate-{set_label(args.prompts)}" if args.eval_command == "generate" else "ifeval"
+            return runner(args, source, model, tokenizer, _out_dir(args, source, name))
     except ConfigError as error:
         print(f"ift eval: {error}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR

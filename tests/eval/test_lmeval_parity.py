@@ -15,8 +15,8 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import DATA
 from lmeval_local import LmEvalRun, run_lmeval
+from shared_paths import DATA
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ift_dist.config import BenchmarkConfig

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as multiprocessing
-from conftest import DATA, TOKENIZERS
+from shared_paths import DATA, TOKENIZERS
 from tiny_model import tiny_llama
 from transformers import AutoTokenizer
 

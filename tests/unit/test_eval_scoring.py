@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TOKENIZERS
+from shared_paths import TOKENIZERS
 from tiny_model import tiny_llama
 from transformers import AutoTokenizer
 
