@@ -53,6 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-color", action="store_true", help="mark supervised text with [[ ]] instead of color"
     )
 
+    for name, what in (
+        ("dedup", "exact and near-duplicate removal (data.quality.dedup); docs/data_quality.md"),
+        ("filter", "quality filters, model score, decontamination (data.quality); docs/data_quality.md"),
+    ):
+        stage = data.add_parser(name, help=what)
+        _add_config_args(stage)
+        stage.add_argument(
+            "--out", help="write quality.json, removed.jsonl and kept.jsonl (the kept records) here"
+        )
+        stage.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+        stage.add_argument("--max-listed", type=int, default=5, help="removals listed per reason")
+
+    from ift_dist.data.diversity_command import add_report_arguments  # torch-free at import
+
+    report = data.add_parser(
+        "report", help="diversity report (HTML with plots): groups, lengths, distinct-n, ROUGE-L"
+    )
+    _add_config_args(report)
+    add_report_arguments(report)
+
+    from ift_dist.data.generate_cli import add_generate_arguments  # torch-free at import
+
+    add_generate_arguments(
+        data.add_parser(
+            "generate", help="Self-Instruct / Alpaca data generation through an OpenAI-compatible model"
+        )
+    )
+
     from ift_dist.launcher.cli import add_arguments as add_launch_arguments  # torch-free
     from ift_dist.launcher.cli import add_train_arguments
 
@@ -103,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     from ift_dist.config import ConfigError
 
     try:
+        if args.command == "data" and args.data_command == "generate":  # no run config: seeds in, records out
+            from ift_dist.data.generate_cli import run_generate
+
+            return run_generate(args)
         if args.command == "data":
             from ift_dist.data import commands
 

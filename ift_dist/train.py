@@ -35,7 +35,8 @@ from ift_dist.checkpoint.save_policy import SavePolicy, StopSignals, resolve_dea
 from ift_dist.checkpoint.state import Progress, rank_components
 from ift_dist.config import Config, ConfigError, load_config, save_config, to_dict
 from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch, RenderedSample
-from ift_dist.data.loader import PackedLoader, build_loader, scan_sources
+from ift_dist.data.loader import PackedLoader, build_loader
+from ift_dist.data.quality.stage import scan_training_sources
 from ift_dist.data.render import Renderer, load_tokenizer, pad_token_id
 from ift_dist.data.views import format_sample
 from ift_dist.eval.in_training import check_benchmarks, score_benchmarks
@@ -122,7 +123,12 @@ def train(cfg: Config) -> int:
             "scanning the records of %d data sources (each record parsed and checked): %s",
             len(cfg.data.sources), ", ".join(source.path for source in cfg.data.sources),
         )  # fmt: skip
-    scanned = None if cfg.data.prepared else scan_sources(cfg.data.sources, cfg.data.on_bad_record)
+    # With data.quality: duplicates, contamination and filtered records out (rank 0 decides, all ranks apply).
+    scanned = (
+        None
+        if cfg.data.prepared
+        else scan_training_sources(cfg.data, tokenizer=tokenizer, work_dir=run.quality)
+    )
     shards = {"rank": rank, "world_size": world_size, "renderer": renderer}
     train_loader = build_loader(
         cfg.data, tokenizer, rows_per_batch=plan.micro_batch_rows, split="train", scanned=scanned, **shards

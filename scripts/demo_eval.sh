@@ -30,16 +30,22 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 rm -rf "$OUT"
 
-# The same prompts, greedy, with the empty system message the fine-tune was trained with (configs/demo_cpu.yaml).
+# The same prompts, greedy, both models through the tokenizer and chat template the fine-tune was trained and
+# exported with (its empty system message included: configs/demo_cpu.yaml).
 for side in before after; do
   model=$BEFORE
   [ "$side" = after ] && model=$AFTER
-  .venv/bin/ift eval generate "$model" --prompts vicuna_bench --limit "$PROMPTS" --max-new-tokens 128 \
-    --system-prompt "" --batch-size 4 --out "$OUT/$side" "${RANKS[@]}"
+  .venv/bin/ift eval generate "$model" --tokenizer "$AFTER" --prompts vicuna_bench --limit "$PROMPTS" \
+    --max-new-tokens 128 --system-prompt "" --batch-size 4 --out "$OUT/$side" "${RANKS[@]}"
 done
 
+# The judge's model directory: the pretrained weights with SmolLM2's own tokenizer (transformers serve loads both).
+JUDGE=$OUT/judge-model
+mkdir -p "$JUDGE"
+for file in "$BEFORE"/* ../shared/tokenizers/smollm2-135m-instruct/*; do ln -sf "$(realpath "$file")" "$JUDGE/"; done
+
 PORT=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-.venv/bin/transformers serve "$BEFORE" --device "$DEVICE" --host 127.0.0.1 --port "$PORT" >"$OUT/serve.log" 2>&1 &
+.venv/bin/transformers serve "$JUDGE" --device "$DEVICE" --host 127.0.0.1 --port "$PORT" >"$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 180); do
@@ -51,7 +57,7 @@ for _ in $(seq 180); do
 done
 
 .venv/bin/ift eval judge --mode pairwise --answers "$OUT/after" --labels fine-tuned --baseline "$OUT/before" \
-  --judge-url "http://127.0.0.1:$PORT/v1" --judge-model "$BEFORE" --judge-key-env IFT_DEMO_NO_KEY \
+  --judge-url "http://127.0.0.1:$PORT/v1" --judge-model "$JUDGE" --judge-key-env IFT_DEMO_NO_KEY \
   --max-tokens 200 --concurrency 2 --out "$OUT/judge"
 echo
 echo "demo_eval: answers side by side: $OUT/before/answers.html, $OUT/after/answers.html"

@@ -42,3 +42,13 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return write_smollm2_dir(
         tmp_path_factory.mktemp("models") / "smollm2-135m-instruct", TOKENIZERS / "smollm2-135m-instruct"
     )
+
+
+@pytest.fixture(scope="session")
+def served_smollm2(smollm2_dir, tmp_path_factory):
+    """(base URL, model name) of one `transformers serve` on SmolLM2-135M-Instruct for the whole session (tests/served.py):
+    the judge and the data-generation tests share it instead of each starting their own."""
+    from served import transformers_serve
+
+    with transformers_serve(smollm2_dir, tmp_path_factory.mktemp("serve") / "serve.log") as served:
+        yield served

@@ -3,6 +3,7 @@
     <output_dir>/
       config.yaml  metrics.jsonl  samples.jsonl  wandb_run_id  logs/  model_files/  hf_model/
       eval/step_<N>/<benchmark>/  predictions.jsonl  results.json      (eval.benchmarks scored during training)
+      quality/  quality.json  removed.jsonl  score_cache.jsonl             (what data.quality removed, and why)
       checkpoints/
         latest                  "step_<N>", the newest complete checkpoint
         step_<N>/               zero_pp_rank_*  <component>_rank_<r>.pt  train_state.json  model_files/  complete.json
@@ -71,6 +72,11 @@ class RunDir:
     def metrics(self) -> Path:
         """One JSON record per optimizer step and per evaluation."""
         return self.root / "metrics.jsonl"
+
+    @property
+    def quality(self) -> Path:
+        """data.quality's decisions: quality.json (counts), removed.jsonl (every removal), caches."""
+        return self.root / "quality"
 
     @property
     def samples(self) -> Path:

@@ -5,6 +5,7 @@ schema.py   Config and its sections; derived values              data_schema.py 
 batch.py    the batch geometry (BatchPlan)                       load.py    YAML + overrides -> validated Config, save
 paths.py    the paths a config names, checked before any rank starts
 eval_schema.py  the eval section (BenchmarkConfig: one multiple-choice benchmark)
+quality_schema.py  data.quality: dedup, decontamination, filters, model score, balance
 """
 
 from ift_dist.config.batch import BatchPlan, batch_plan
@@ -37,6 +38,16 @@ from ift_dist.config.data_schema import (
 from ift_dist.config.eval_schema import BENCHMARK_NAMES, BenchmarkConfig, EvalConfig, benchmark_label
 from ift_dist.config.load import check_keys, load_config, save_config, schema_key, to_dict, to_yaml
 from ift_dist.config.paths import check_paths, relative_path_note
+from ift_dist.config.quality_schema import (
+    BalanceConfig,
+    DecontamConfig,
+    DecontamMethod,
+    DedupConfig,
+    DedupKey,
+    FilterConfig,
+    ModelScoreConfig,
+    QualityConfig,
+)
 from ift_dist.config.schema import (
     CheckpointConfig,
     Config,
@@ -52,6 +63,7 @@ __all__ = [
     "TEMPLATE_PLACEHOLDERS",
     "TEMPLATE_TOKENS",
     "AttentionBackend",
+    "BalanceConfig",
     "BatchPlan",
     "BenchmarkConfig",
     "CheckpointConfig",
@@ -60,16 +72,23 @@ __all__ = [
     "ConfigError",
     "DType",
     "DataConfig",
+    "DecontamConfig",
+    "DecontamMethod",
+    "DedupConfig",
+    "DedupKey",
     "EvalConfig",
     "ExportConfig",
+    "FilterConfig",
     "LossMode",
     "LrSchedule",
     "McScoring",
     "ModelConfig",
+    "ModelScoreConfig",
     "OnBadRecord",
     "OnSaveError",
     "Overlong",
     "PromptFormat",
+    "QualityConfig",
     "RecordFormat",
     "SourceConfig",
     "SourceRole",

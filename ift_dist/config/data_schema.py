@@ -19,6 +19,7 @@ from ift_dist.config.choices import (
     Template,
     ToolFallback,
 )
+from ift_dist.config.quality_schema import QualityConfig
 
 
 @dataclass
@@ -198,6 +199,9 @@ class DataConfig:
     num_workers: int = 1
     # Seed of shuffling, mixing and eval split.
     seed: int = 0
+    # Duplicates, benchmark contamination, quality filters and balancing between records and rendering
+    # (quality_schema.py, docs/data_quality.md). All off by default.
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def validate(self, key: str) -> None:
         check_choices(self, key)
@@ -220,3 +224,4 @@ class DataConfig:
         if self.pack_buffer < 1:
             raise ConfigError(f"{key}.pack_buffer: must be >= 1, got {self.pack_buffer}")
         check_positive(f"{key}.num_workers", self.num_workers, allow_zero=True)
+        self.quality.validate(f"{key}.quality")

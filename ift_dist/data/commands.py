@@ -37,11 +37,11 @@ def _validate(config, args) -> int:
     """Lists every bad record (up to --max-listed per source) and every dropped sample (up to --max-listed per
     reason) with its record and why; `--json` prints all of them as one JSON object instead. Exit 1 if there is a
     bad record or a sample the template could not mask; too-long samples are listed but are not errors."""
-    from ift_dist.data.loader import scan_sources
-    from ift_dist.data.report import analyze
+    from ift_dist.data.quality.stage import scan_training_sources
+    from ift_dist.data.report import _quality_dir, analyze
 
     config.data.on_bad_record = "skip"  # list them all instead of stopping at the first
-    scanned = scan_sources(config.data.sources, "skip")
+    scanned = scan_training_sources(config.data, work_dir=_quality_dir(config))
     report = analyze(config, num_proc=args.num_proc, scanned=scanned)  # the same scan: each source read once
     failed = any(item.scan.bad for item in scanned)
     unmaskable = {
@@ -55,8 +55,10 @@ def _validate(config, args) -> int:
 
     for item in scanned:
         scan = item.scan
+        removed = f", {len(item.removals)} removed by data.quality" if item.removals else ""
         print(
             f"{scan.name}: {scan.num_records} records, {len(scan.valid_indices)} valid, {len(scan.bad)} bad"
+            + removed
         )
         for bad in scan.bad[: args.max_listed]:
             print(f"  {bad}")
@@ -89,6 +91,7 @@ def _validate_json(scanned, report, failed: bool) -> dict:
         ],
         "samples": report["samples"],
         "dropped_samples": report["dropped_samples"],
+        "quality": report["quality"],
     }
 
 
@@ -139,4 +142,106 @@ def html_path(requested: str) -> Path:
     return path.absolute()
 
 
-COMMANDS = {"prepare": _prepare, "validate": _validate, "stats": _stats, "preview": _preview}
+def _quality_stage(config, args) -> int:
+    """`ift data dedup|filter CONFIG`: one wing of data.quality on its own. dedup runs data.quality.dedup (exact and
+    near when neither is switched on); filter runs the filters, the model score and the decontamination. Prints the
+    removals by reason with examples; --out writes them and the kept records (OpenAI messages JSONL)."""
+    from ift_dist.data.loader import scan_sources
+    from ift_dist.data.quality.stage import run_quality, write_quality_report
+    from ift_dist.data.report import _quality_dir
+    from ift_dist.data.views import format_quality
+
+    quality = config.data.quality
+    if args.data_command == "dedup":
+        keep = dataclasses.replace(quality.dedup)
+        if not (keep.exact or keep.near):
+            keep.exact = keep.near = True
+        quality = type(quality)(dedup=keep)
+    else:
+        quality = dataclasses.replace(quality, dedup=type(quality.dedup)(), balance=type(quality.balance)())
+    data = dataclasses.replace(config.data, quality=quality)
+    tokenizer = None
+    bounds = quality.filters
+    if (
+        bounds.min_prompt_tokens
+        or bounds.max_prompt_tokens
+        or bounds.min_answer_tokens
+        or bounds.max_answer_tokens
+    ):
+        from ift_dist.data.render import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer_path)
+    scanned = scan_sources(data.sources, "skip")
+    result = run_quality(scanned, data, tokenizer=tokenizer, work_dir=_quality_dir(config))
+    result.apply(scanned)
+    sources = {}
+    for item in scanned:
+        kept = len(item.scan.valid_indices)
+        sources[item.scan.name] = {
+            "valid": kept + len(item.removals),
+            "removed": len(item.removals),
+            "kept": kept,
+        }
+    summary = {"sources": sources, **result.to_json()}
+    if args.out:
+        out = Path(args.out)
+        write_quality_report(result, out)
+        _write_kept(scanned, out / "kept.jsonl")
+        summary["out"] = str(out)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    for name, counts in sources.items():
+        print(f"{name}: {counts['valid']} valid records, {counts['removed']} removed, {counts['kept']} kept")
+    by_reason: dict[str, int] = {}
+    for removal in result.removals:
+        by_reason[removal.reason] = by_reason.get(removal.reason, 0) + 1
+    view = {
+        "removed": len(result.removals),
+        "by_reason": by_reason,
+        "removals": [r.to_json() for r in result.removals],
+    }
+    for line in format_quality(view, args.max_listed) or ["\nnothing removed"]:
+        print(line)
+    if result.clusters:
+        print(f"near-duplicate clusters: {len(result.clusters)} (largest {max(map(len, result.clusters))})")
+    if args.out:
+        print(f"wrote {args.out}/quality.json, removed.jsonl and kept.jsonl")
+    return 0
+
+
+def _report(config, args) -> int:
+    from ift_dist.data.diversity_command import run_report
+
+    return run_report(args)
+
+
+def _write_kept(scanned, path: Path) -> None:
+    """The kept records as OpenAI messages JSONL (any training format reads back the same conversations)."""
+    with path.open("w", encoding="utf-8") as handle:
+        for item in scanned:
+            for index in item.scan.valid_indices.tolist():
+                conversation = item.source.get(index)
+                messages = [
+                    {
+                        "role": m.role,
+                        "content": m.content,
+                        **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
+                    }
+                    for m in conversation.messages
+                ]
+                record = {"messages": messages, "source": str(conversation.ref)}
+                if conversation.tools:
+                    record["tools"] = conversation.tools
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+COMMANDS = {
+    "prepare": _prepare,
+    "validate": _validate,
+    "stats": _stats,
+    "preview": _preview,
+    "dedup": _quality_stage,
+    "filter": _quality_stage,
+    "report": _report,
+}

@@ -67,6 +67,8 @@ class Conversation:
     ref: SampleRef
     # Tool (function) schemas offered to the model, OpenAI form: [{"type": "function", "function": {...}}].
     tools: list[dict[str, Any]] | None = None
+    # The record's own `category` field (Firefly, Dolly, Self-Instruct style), for quality reports and balancing.
+    category: str | None = None
 
 
 @dataclass(frozen=True)

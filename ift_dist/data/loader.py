@@ -12,14 +12,13 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ift_dist.config import DataConfig, SourceConfig
+from ift_dist.config import DataConfig
 from ift_dist.data.contracts import (
     IGNORE_INDEX,
     BadRecord,
@@ -40,6 +39,7 @@ from ift_dist.data.plan import (
 )
 from ift_dist.data.prepared import PreparedReader
 from ift_dist.data.render import pad_token_id
+from ift_dist.data.scan import ScannedSource, scan_sources
 
 logger = logging.getLogger(__name__)
 
@@ -66,28 +66,6 @@ def collate(rows: Sequence[PackedRow], pad_id: int, width: int | None = None) ->
 
 
 # --------------------------------------------------------------------------------------------- reading records
-
-
-@dataclass
-class ScannedSource:
-    source: Any  # ift_dist.data.sources.RecordSource
-    scan: Any  # ift_dist.data.sources.SourceScan
-    weight: float
-
-
-def scan_sources(configs: Sequence[SourceConfig], on_bad_record: str = "skip") -> list[ScannedSource]:
-    """Open and scan every source once. With on_bad_record "error" the first bad record stops here, before
-    training. Pass the result to `build_loader(scanned=...)` to build the train and eval loaders from one scan."""
-    from ift_dist.data.sources import open_source
-
-    scanned = []
-    for config in configs:
-        source = open_source(config)
-        scan = source.scan()
-        if scan.bad and on_bad_record == "error":
-            raise BadRecordError(scan.bad[0])
-        scanned.append(ScannedSource(source, scan, config.weight))
-    return scanned
 
 
 class RenderDataset(Dataset):
@@ -338,8 +316,14 @@ def build_loader(
     eval_from_sources = split == "eval" and bool(cfg.eval_sources)
     if split == "eval" and not eval_from_sources and cfg.eval_fraction <= 0:
         raise ValueError("no eval data: set data.eval_sources or data.eval_fraction")
-    if scanned is None:
-        scanned = scan_sources(cfg.eval_sources if eval_from_sources else cfg.sources, cfg.on_bad_record)
+    if scanned is None and eval_from_sources:
+        scanned = scan_sources(cfg.eval_sources, cfg.on_bad_record)
+    elif (
+        scanned is None
+    ):  # the training sources, data.quality applied (held-out records come from the kept ones)
+        from ift_dist.data.quality.stage import scan_training_sources
+
+        scanned = scan_training_sources(cfg, tokenizer=tokenizer)
     plan_sources = [PlanSource(item.scan.name, item.scan.valid_indices, item.weight) for item in scanned]
     if eval_from_sources:
         plan_sources = [PlanSource(source.name, source.valid_indices, 1.0) for source in plan_sources]

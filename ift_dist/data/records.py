@@ -180,7 +180,9 @@ def convert_record(
         messages, trimmed = _finish(turns, system, source_system, list_path)
     except _Reject as reject:
         return BadRecord(reject.reason, file, location, reject.field, reject.detail), 0
-    return Conversation(messages=messages, ref=ref, tools=tools), trimmed
+    category = record.get("category")
+    category = category if isinstance(category, str) and category.strip() else None
+    return Conversation(messages=messages, ref=ref, tools=tools, category=category), trimmed
 
 
 # --------------------------------------------------------------------------------------------- adapters

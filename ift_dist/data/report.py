@@ -127,7 +127,8 @@ def analyze(
     """Read one epoch of the training plan through the real loader (rendering in `num_proc` DataLoader workers),
     hand every packed row to `on_row`, and return the report as a plain dict (JSON-ready). `scanned`: the training
     sources from `loader.scan_sources`, when the caller has scanned them already (each source is scanned once)."""
-    from ift_dist.data.loader import build_loader, scan_sources
+    from ift_dist.data.loader import build_loader
+    from ift_dist.data.quality.stage import scan_training_sources
     from ift_dist.data.render import Renderer, load_tokenizer
 
     data = dataclasses.replace(
@@ -137,7 +138,8 @@ def analyze(
         raise ConfigError("data.sources: no training data sources configured")
     tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
 
-    scanned = scanned if scanned is not None else scan_sources(data.sources, data.on_bad_record)
+    if scanned is None:
+        scanned = scan_training_sources(data, tokenizer=tokenizer, work_dir=_quality_dir(config))
     renderer = Renderer(tokenizer, data)
     loader = build_loader(
         data, tokenizer, rank=0, world_size=1, rows_per_batch=64, epochs=1, scanned=scanned, renderer=renderer
@@ -171,6 +173,7 @@ def analyze(
                 "bad": sum(scan.bad_counts.values()),
                 "bad_by_reason": dict(scan.bad_counts),
                 "filtered": scan.filtered,
+                "quality_removed": len(item.removals),
                 "trimmed_trailing_turns": scan.trimmed_trailing_turns,
                 "weight": item.weight,
                 "planned": planned.get(scan.name, 0),
@@ -198,6 +201,8 @@ def analyze(
         # times (how often one epoch draws the record: its weight).
         "dropped_samples": drop_list.entries(scanned),
         "turns": _turn_stats(scanned),
+        # data.quality: records removed per reason, and every removal (ref, reason, matched, detail).
+        "quality": _quality_stats(scanned),
         "lengths": _length_stats(np.asarray(lengths, dtype=np.int64)),
         "tokens": {
             "total": total_tokens,
@@ -212,4 +217,24 @@ def analyze(
             "efficiency": counts["packing_efficiency"] if rows else 0.0,
             "samples_per_row": counts["samples"] / max(rows, 1),
         },
+    }
+
+
+def _quality_dir(config: Config) -> Any:
+    """Where a data command keeps data.quality's caches (the model-score replies): the run's quality/ directory."""
+    from ift_dist.checkpoint.run_dir import RunDir
+
+    return RunDir(config.output_dir).quality if config.output_dir else None
+
+
+def _quality_stats(scanned: Sequence[Any]) -> dict[str, Any]:
+    by_reason: Counter[str] = Counter()
+    removed = []
+    for item in scanned:
+        by_reason.update(removal.reason for removal in item.removals)
+        removed.extend(removal.to_json() for removal in item.removals)
+    return {
+        "removed": sum(by_reason.values()),
+        "by_reason": dict(by_reason.most_common()),
+        "removals": removed,
     }

@@ -167,6 +167,23 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def format_quality(quality: dict[str, Any] | None, max_listed: int = 3) -> list[str]:
+    """data.quality's removals by reason, with the first few of each: which record, and what it matched."""
+    if not quality or not quality["removed"]:
+        return []
+    lines = [
+        "\nRemoved by data.quality: "
+        + ", ".join(f"{reason} {count}" for reason, count in quality["by_reason"].items())
+    ]
+    for reason in quality["by_reason"]:
+        listed = [r for r in quality["removals"] if r["reason"] == reason][:max_listed]
+        for removal in listed:
+            matched = f" (matches {removal['matched']})" if removal["matched"] else ""
+            detail = f": {removal['detail']}" if removal["detail"] else ""
+            lines.append(f"  {reason} {removal['ref']}{matched}{detail}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The text form of `DataReport.to_dict()`."""
     out = []
@@ -196,6 +213,7 @@ def format_report(report: dict[str, Any]) -> str:
     )
     for line in report.get("bad_record_examples", [])[:10]:
         out.append(f"  {line}")
+    out.extend(format_quality(report.get("quality")))
     samples = report["samples"]
     out.append("\n" + TERMS)
     out.append(

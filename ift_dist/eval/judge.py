@@ -220,8 +220,10 @@ def markdown_table(summary: dict[str, Any], mode: JudgeMode) -> str:
     categories = sorted({cat for label in labels for cat in summary[label]["by_category"]})
 
     def cell(group: dict[str, Any] | None) -> str:
-        if not group or group["score"] is None:
+        if not group:
             return "-"
+        if group["score"] is None:  # nothing could be scored: say why, never a silent blank
+            return f"- (0 of {group['n']} scored: {group['unparseable']} unparseable, {group['call_failed']} failed)"
         text = f"{group['score']:.2f}" if mode is JudgeMode.single else f"{100 * group['score']:.1f}%"
         if group.get("ci"):
             text += f" [{100 * group['ci'][0]:.1f}, {100 * group['ci'][1]:.1f}]"

@@ -35,7 +35,9 @@ def test_generate_writes_answers_page_and_settings_and_resumes(smollm2_dir, tmp_
     assert [a["id"] for a in answers] == ["1", "2"]
     assert all(a["finish_reasons"] == ["length"] and a["completion_tokens"] == [6] for a in answers)
     meta = json.loads((out / "generation.json").read_text())
-    assert meta["set"] == "vicuna_bench" and "{%" in meta["chat_template"] and meta["model"] == str(smollm2_dir)
+    assert (
+        meta["set"] == "vicuna_bench" and "{%" in meta["chat_template"] and meta["model"] == str(smollm2_dir)
+    )
     page = (out / "answers.html").read_text()
     assert answers[0]["turns"][0].split()[0] in page
 

@@ -6,13 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,54 +13,6 @@ import pytest
 from ift_dist.eval.judge import add_judge_arguments, run_judge
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-STARTUP_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served_judge(smollm2_dir, tmp_path_factory):
-    """(base URL, model name) of `transformers serve` with the model preloaded; the process group killed after."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    command = [str(Path(sys.executable).with_name("transformers")), "serve", str(smollm2_dir),
-               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"transformers serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"transformers serve not ready in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1", str(smollm2_dir)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(15)
 
 
 def write_answers(path: Path, rows: list[dict]) -> Path:
@@ -98,8 +43,8 @@ def judge(url: str, model: str, out: Path, *extra: str) -> tuple[int, dict, list
     return code, results, judgments
 
 
-def test_single_and_pairwise_through_transformers_serve(served_judge, tmp_path):
-    url, model = served_judge
+def test_single_and_pairwise_through_transformers_serve(served_smollm2, tmp_path):
+    url, model = served_smollm2
     answers = write_answers(tmp_path / "answers.jsonl", [
         {"id": "1", "turns": ["What is the capital of France?"], "answers": ["Paris is the capital of France."]},
         {"id": "2", "category": "math", "turns": ["What is 12 * 3?"], "answers": ["12 * 3 = 36."],
