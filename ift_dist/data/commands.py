@@ -107,14 +107,22 @@ def _stats(config, args) -> int:
 def _preview(config, args) -> int:
     from ift_dist.data.contracts import RenderedSample
     from ift_dist.data.loader import build_loader
+    from ift_dist.data.quality.stage import scan_training_sources
     from ift_dist.data.render import load_tokenizer
-    from ift_dist.data.report import batch_rows
-    from ift_dist.data.views import format_sample, samples_html
+    from ift_dist.data.report import _quality_dir, batch_rows
+    from ift_dist.data.views import format_sample, removals_html, samples_html
 
     tokenizer = load_tokenizer(config.tokenizer_path)
 
     data = dataclasses.replace(config.data, packing=False, num_workers=0, prepared=None)
-    loader = build_loader(data, tokenizer, rank=0, world_size=1, rows_per_batch=1, epochs=1)
+    scanned = scan_training_sources(data, tokenizer=tokenizer, work_dir=_quality_dir(config))
+    loader = build_loader(data, tokenizer, rank=0, world_size=1, rows_per_batch=1, epochs=1, scanned=scanned)
+    removed = [  # the first -n removals of each source, with the record's text
+        (removal.to_json(), item.source.get(removal.ref.index))
+        for item in scanned
+        for removal in item.removals[: args.num_samples]
+    ]
+    removed = [(r, "\n\n".join(f"{m.role}: {m.content}" for m in c.messages)) for r, c in removed]
     samples = []
     for batch in loader:
         for row in batch_rows(batch):
@@ -125,10 +133,13 @@ def _preview(config, args) -> int:
     for sample in samples:
         print(format_sample(sample, tokenizer, color=color))
         print()
+    for removal, _ in removed:
+        matched = f" (matches {removal['matched']})" if removal["matched"] else ""
+        print(f"removed by data.quality: {removal['ref']} {removal['reason']}{matched} {removal['detail']}")
     if args.html:
         path = html_path(args.html)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(samples_html(samples, tokenizer))
+        path.write_text(samples_html(samples, tokenizer, extra=removals_html(removed)))
         print(f"wrote {path}")
     return 0
 

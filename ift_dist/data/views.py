@@ -105,8 +105,24 @@ def format_sample(
     return header + ")\n" + "".join(parts) + tail
 
 
+def removals_html(removed: Sequence[tuple[dict[str, Any], str]]) -> str:
+    """The records data.quality removed, as an HTML section: per record its ref, the reason, what it matched, the
+    numbers behind the decision, and its text (the answer to "why was this dropped?")."""
+    if not removed:
+        return ""
+    rows = []
+    for removal, text in removed:
+        matched = f" &middot; matches {html.escape(removal['matched'])}" if removal["matched"] else ""
+        detail = f" &middot; {html.escape(removal['detail'])}" if removal["detail"] else ""
+        rows.append(
+            f"<h3>{html.escape(removal['ref'])} &middot; <b>{html.escape(removal['reason'])}</b>{matched}{detail}"
+            f"</h3>\n<pre class='ctx'>{html.escape(text)}</pre>"
+        )
+    return "<h2>Removed by data.quality, and why</h2>\n" + "\n".join(rows)
+
+
 def samples_html(
-    samples: Iterable[RenderedSample], tokenizer: Any, *, title: str = "ift-dist preview"
+    samples: Iterable[RenderedSample], tokenizer: Any, *, title: str = "ift-dist preview", extra: str = ""
 ) -> str:
     """A self-contained HTML page: one block per sample, supervised tokens highlighted, token boundaries visible on
     hover (each token is a span with its id as a tooltip)."""
@@ -131,6 +147,7 @@ def samples_html(
         f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{legend}\n"
         + "\n".join(blocks)
+        + (f"\n{extra}" if extra else "")
         + "\n</body></html>\n"
     )
 

@@ -43,6 +43,8 @@ def demo_like(dist_dir, tiny_model) -> Run:
     demo = flatten(to_dict(load_config(DEMO_CONFIG)))
     overrides = [f"{key}={json.dumps(demo[key])}" for key in DEMO_KEYS]  # JSON values are YAML values
     overrides += [f"model.name_or_path={tiny_model}", "train.max_steps=2", "train.sample_max_new_tokens=4"]
+    # data.quality under 2 ranks: rank 0 decides, both apply (FastChat's dummy set has near-duplicate templates)
+    overrides += ["data.quality.dedup.exact=true", "data.quality.dedup.near=true"]
     return check(launch(dist_dir / "demo-like", overrides, via_ift=True))  # as demo.sh
 
 
@@ -135,3 +137,24 @@ def test_ift_eval_mc_equals_the_scores_of_training(demo_like, ranks, source, tmp
     )
     # the on-the-fly export is removed again
     assert not list((demo_like.output_dir).glob(".eval-*"))
+
+
+@pytest.mark.e2e
+def test_data_quality_decided_in_training_equals_ift_data_stats(demo_like):
+    """The removals rank 0 wrote at the start of training are exactly those `ift data stats` finds on the run's
+    config in one process: the kept set does not depend on ranks."""
+    quality = demo_like.output_dir / "quality"
+    counts = json.loads((quality / "quality.json").read_text())["removed"]
+    removed = [json.loads(line) for line in (quality / "removed.jsonl").read_text().splitlines()]
+    assert removed and sum(n for source in counts.values() for n in source.values()) == len(removed)
+    assert {r["reason"] for r in removed} <= {"duplicate", "near_duplicate"}
+    assert "data.quality removed" in demo_like.output
+    command = [
+        str(Path(sys.executable).with_name("ift")),
+        "data",
+        "stats",
+        str(demo_like.output_dir / "config.yaml"),
+    ]
+    result = subprocess.run([*command, "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["quality"]["removals"] == removed

@@ -207,3 +207,20 @@ def test_balance_weights_list_records_as_often_as_their_group_weighs(tmp_path, f
     refs = [str(ref) for batch in loader for row in batch.refs for ref in row]
     assert sorted(refs.count(f"first:{i}") for i in range(60)) == [2] * 60
     assert len(refs) == 120 + len(second)
+
+
+@pytest.mark.e2e
+def test_ift_data_preview_shows_why_records_were_dropped(tmp_path, files):
+    cfg = config(tmp_path, files)  # writes run.yaml
+    html_path = tmp_path / "preview.html"
+    ift = str(Path(sys.executable).with_name("ift"))
+    run = subprocess.run(
+        [ift, "data", "preview", str(tmp_path / "run.yaml"), "data.quality.dedup.exact=true", "-n", "2",
+         "--no-color", "--html", str(html_path)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "removed by data.quality: second:0 duplicate (matches first:0)" in run.stdout
+    page = html_path.read_text()
+    assert "Removed by data.quality, and why" in page and "second:1 &middot; <b>duplicate</b>" in page
+    assert cfg.data.sources[1].name == "second"
