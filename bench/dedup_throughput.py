@@ -106,7 +106,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.workers)))
         return
-    runs = [("brute", args.brute), ("datasketch", args.brute), ("ours", args.brute)]
+    runs = [("brute", args.brute), ("datasketch", args.brute), ("ours", args.brute)] if args.brute else []
     for size in args.sizes:
         runs += [("datasketch", size)] if size <= args.baseline_max else []
         runs += [("ours", size)]

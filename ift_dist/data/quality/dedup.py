@@ -81,7 +81,9 @@ def near_duplicates(
 
     Memory per record: 4 * num_perm bytes of signature (512 B at 128; on disk when spill_dir is given), 13 B of
     ref and flags, and, during banding, 8 B per band plus ~24 B per candidate pair (at most 9 per record and band).
-    Measured (bench/dedup_throughput.py, 1M records, each with ~400 near-copies): 1.5 KB per record at the peak.
+    The hashed shingle sets (4 B per distinct shingle) are kept too, for the exact check near the threshold (on disk
+    with spill_dir). Measured (bench/dedup_throughput.py, 1M records, each with ~400 near-copies, no spill_dir):
+    4 KB per record at the peak, mostly candidate pairs and shingle sets.
     """
     sources: dict[str, int] = {}
     source_of = array.array("i")
