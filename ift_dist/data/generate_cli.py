@@ -126,7 +126,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from ift_dist.data.contracts import DataFileError
     from ift_dist.data.selfinstruct import GeneratePaths, GenerateSettings, generate, read_tasks
     from ift_dist.data.selfinstruct_prompts import ALPACA_PROMPT
-    from ift_dist.eval.judge_client import JudgeClient, JudgeEndpoint
+    from ift_dist.eval.judge_client import JudgeClient, endpoint_from_args
 
     problems = _problems(args)
     try:
@@ -163,17 +163,7 @@ def run_generate(args: argparse.Namespace) -> int:
         price_out=args.price_out,
         template=template,
     )
-    endpoint = JudgeEndpoint(
-        url=args.url,
-        model=args.model,
-        api_key=os.environ.get(args.key_env) or None,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        timeout_s=args.timeout,
-        max_retries=args.max_retries,
-        backoff_s=args.backoff,
-        concurrency=args.concurrency,
-    )
+    endpoint = endpoint_from_args(args, url=args.url, model=args.model, key_env=args.key_env)
     paths = GeneratePaths.of(args.out)
     with JudgeClient(endpoint, args.cache or paths.cache) as client:
         state = generate(client, settings, seeds, paths)

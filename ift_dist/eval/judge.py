@@ -318,7 +318,7 @@ def default_labels(paths: Sequence[Path]) -> list[str]:
 
 def run_judge(args: argparse.Namespace) -> int:
     """`ift eval judge`: the exit code (see the module docstring)."""
-    from ift_dist.eval.judge_client import JudgeClient, JudgeEndpoint
+    from ift_dist.eval.judge_client import JudgeClient, endpoint_from_args
 
     mode = JudgeMode(args.mode)
     labels = list(args.labels) or default_labels(args.answers)
@@ -333,16 +333,8 @@ def run_judge(args: argparse.Namespace) -> int:
         logger.error("ift eval judge: %s", "; ".join(problems))
         return exit_codes.CONFIG_ERROR
     out = args.out or args.answers[0].parent / f"judge_{mode.value}"
-    endpoint = JudgeEndpoint(
-        url=args.judge_url,
-        model=args.judge_model,
-        api_key=os.environ.get(args.judge_key_env) or None,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        timeout_s=args.timeout,
-        max_retries=args.max_retries,
-        backoff_s=args.backoff,
-        concurrency=args.concurrency,
+    endpoint = endpoint_from_args(
+        args, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env
     )
     settings = JudgeSettings(
         mode, args.repeats, tuple(args.reference_categories), args.bootstrap, seed=args.seed

@@ -76,6 +76,22 @@ class CallCounters:
     failed: int = 0  # calls given up: retries exhausted or an error a retry cannot fix (400, 401, 404)
 
 
+def endpoint_from_args(args: Any, *, url: str, model: str, key_env: str) -> JudgeEndpoint:
+    """The endpoint a command's options describe: its --temperature, --max-tokens, --timeout, --max-retries,
+    --backoff and --concurrency (`ift eval judge`, `ift data generate`); the key from the variable `key_env`."""
+    return JudgeEndpoint(
+        url=url,
+        model=model,
+        api_key=os.environ.get(key_env) or None,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        timeout_s=args.timeout,
+        max_retries=args.max_retries,
+        backoff_s=args.backoff,
+        concurrency=args.concurrency,
+    )
+
+
 def cache_key(model: str, messages: Sequence[dict[str, str]], sampling: dict[str, Any], repeat: int) -> str:
     payload = {"model": model, "messages": list(messages), "sampling": sampling, "repeat": repeat}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

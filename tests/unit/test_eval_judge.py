@@ -9,13 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from scripted_openai import Reply, ScriptedOpenAI
 
 from ift_dist.eval.judge import add_judge_arguments, bootstrap_ci, run_judge
 from ift_dist.eval.judge_prompts import (
@@ -56,68 +54,22 @@ def scripted_reply(content: str, seen_before: int) -> str:
     return "Rating: [[5]]"
 
 
-class ScriptedJudge:
-    """A threaded HTTP server speaking the chat-completions JSON, with injectable faults and a request log."""
+class ScriptedJudge(ScriptedOpenAI):
+    """Replies chosen by content (scripted_reply), faults injected per marker found in the last user message."""
 
     def __init__(self) -> None:
         self.requests: list[str] = []  # the last user message of every request, in arrival order
         self.faults: dict[str, list[str]] = {}  # marker -> actions for the next requests carrying it
-        self.hold_after: int | None = None  # requests beyond this many wait for `release`
-        self.held, self.release = threading.Event(), threading.Event()
-        self.lock = threading.Lock()
-        judge = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][-1]["content"]
-                with judge.lock:
-                    seen_before = judge.requests.count(content)
-                    judge.requests.append(content)
-                    number = len(judge.requests)
-                    action = next(
-                        (judge.faults[m].pop(0) for m in judge.faults if m in content and judge.faults[m]),
-                        None,
-                    )
-                if judge.hold_after is not None and number > judge.hold_after:
-                    judge.held.set()
-                    judge.release.wait(30)
-                try:
-                    if action in ("429", "500", "400"):
-                        return self._send(
-                            int(action), {"error": {"message": f"scripted {action}", "type": "x"}}
-                        )
-                    if action == "slow":
-                        time.sleep(2.5)
-                    text = scripted_reply(content, seen_before)
-                    message = {"role": "assistant", "content": text}
-                    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-                    usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
-                    reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"]}
-                    self._send(200, {**reply, "choices": [choice], "usage": usage})
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out or was killed
-                    pass
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, body: dict, number: int) -> Reply:
+        content = body["messages"][-1]["content"]
+        seen_before = self.requests.count(content)
+        self.requests.append(content)
+        action = next((self.faults[m].pop(0) for m in self.faults if m in content and self.faults[m]), None)
+        if action in ("429", "500", "400"):
+            return Reply(status=int(action))
+        return Reply(scripted_reply(content, seen_before), delay_s=2.5 if action == "slow" else 0.0)
 
 
 @pytest.fixture

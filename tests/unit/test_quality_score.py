@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from scripted_openai import Reply, ScriptedOpenAI
 from shared_paths import DATA
 
 from ift_dist.config.data_schema import SourceConfig
@@ -29,65 +28,19 @@ REPLIES = {
 }
 
 
-class ScriptedJudge:
-    """A threaded chat-completions server: replies by marker, faults ("429", "400") injected per marker."""
+class ScriptedJudge(ScriptedOpenAI):
+    """Scores chosen by a marker in the graded text (REPLIES), faults injected per marker."""
 
     def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        self.headers: list[dict] = []
         self.faults: dict[str, list[str]] = {}
-        self.lock = threading.Lock()
-        judge = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                graded = body["messages"][0]["content"]
-                with judge.lock:
-                    judge.bodies.append(body)
-                    judge.headers.append({k.lower(): v for k, v in self.headers.items()})
-                    action = next(
-                        (judge.faults[m].pop(0) for m in judge.faults if m in graded and judge.faults[m]),
-                        None,
-                    )
-                if action:
-                    return self._send(int(action), {"error": {"message": f"scripted {action}", "type": "x"}})
-                text = next((reply for marker, reply in REPLIES.items() if marker in graded), "4\nFine.")
-                choice = {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-                self._send(
-                    200,
-                    {
-                        "id": "x",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body["model"],
-                        "choices": [choice],
-                    },
-                )
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, body: dict, number: int) -> Reply:
+        graded = body["messages"][0]["content"]
+        action = next((self.faults[m].pop(0) for m in self.faults if m in graded and self.faults[m]), None)
+        if action:
+            return Reply(status=int(action))
+        return Reply(next((reply for marker, reply in REPLIES.items() if marker in graded), "4\nFine."))
 
 
 @pytest.fixture

@@ -147,21 +147,8 @@ def test_balance_caps_groups_after_the_other_stages(tmp_path, files):
 
 @pytest.mark.e2e
 def test_ift_data_dedup_and_stats_report_and_write(tmp_path, files):
-    cfg_path = tmp_path / "cli.yaml"
-    first, second = files
-    cfg_path.write_text(
-        f"""
-output_dir: {tmp_path / "run"}
-model: {{name_or_path: {tmp_path / "no-model"}}}
-data:
-  tokenizer: {TOKENIZERS / "smollm2-135m-instruct"}
-  max_length: 256
-  num_workers: 0
-  sources:
-    - {{path: {first}, name: first}}
-    - {{path: {second}, name: second}}
-"""
-    )
+    config(tmp_path, files)  # writes run.yaml
+    cfg_path = tmp_path / "run.yaml"
     ift = str(Path(sys.executable).with_name("ift"))
     out = tmp_path / "dedup"
     run = subprocess.run(

@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from rouge_score import rouge_scorer
+from scripted_openai import Reply, ScriptedOpenAI
 
 from ift_dist.config.data_schema import SourceConfig
 from ift_dist.data.generate_cli import add_generate_arguments, run_generate
@@ -87,74 +86,28 @@ def topic_reply(prompt: str) -> str:
     return "Here you go:\n```json\n" + json.dumps(items, indent=1) + "\n```"
 
 
-class ScriptedServer:
-    """A threaded chat-completions server: replies computed from the prompt, faults by arrival order."""
+class ScriptedServer(ScriptedOpenAI):
+    """A chat-completions server: replies computed from the prompt, faults by arrival order."""
 
     def __init__(self) -> None:
         self.prompts: list[str] = []  # every HTTP request's prompt, in arrival order
         self.faults: list[str] = []  # actions for the next arrivals: 429, 500, truncated, garbage, short
-        self.hold_after: int | None = None  # requests beyond this many wait for `release`
-        self.held, self.release = threading.Event(), threading.Event()
-        self.lock = threading.Lock()
-        server = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                with server.lock:
-                    server.prompts.append(prompt)
-                    number = len(server.prompts)
-                    action = server.faults.pop(0) if server.faults else None
-                if server.hold_after is not None and number > server.hold_after:
-                    server.held.set()
-                    server.release.wait(30)
-                try:
-                    if action in ("429", "500"):
-                        return self._send(int(action), {"error": {"message": f"scripted {action}"}})
-                    if action == "garbage":
-                        text = "Sure! Here are some ideas: be creative."
-                    elif "JSON array" in prompt:
-                        text = topic_reply(prompt)
-                    else:
-                        text = numbered_reply(prompt, short=action == "short")
-                    finish = "length" if action == "truncated" else "stop"
-                    choice = {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish,
-                    }
-                    usage = {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150}
-                    head = {
-                        "id": f"r{number}",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": body["model"],
-                    }
-                    self._send(200, {**head, "choices": [choice], "usage": usage})
-                except (BrokenPipeError, ConnectionResetError):  # the client was killed
-                    pass
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, body: dict, number: int) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        self.prompts.append(prompt)
+        action = self.faults.pop(0) if self.faults else None
+        if action in ("429", "500"):
+            return Reply(status=int(action))
+        if action == "garbage":
+            text = "Sure! Here are some ideas: be creative."
+        elif "JSON array" in prompt:
+            text = topic_reply(prompt)
+        else:
+            text = numbered_reply(prompt, short=action == "short")
+        usage = {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150}
+        return Reply(text, finish_reason="length" if action == "truncated" else "stop", usage=usage)
 
 
 @pytest.fixture
