@@ -1,4 +1,5 @@
-"""The `ift data ...` subcommands: prepare, validate, stats, preview (argument handling and printing only)."""
+"""The `ift data ...` subcommands: prepare, validate, stats, preview, dedup, filter, report (argument handling and
+printing only; `ift data generate` is ift_dist/data/generate_cli.py)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,11 @@ def _validate(config, args) -> int:
     """Lists every bad record (up to --max-listed per source) and every dropped sample (up to --max-listed per
     reason) with its record and why; `--json` prints all of them as one JSON object instead. Exit 1 if there is a
     bad record or a sample the template could not mask; too-long samples are listed but are not errors."""
-    from ift_dist.data.quality.stage import scan_training_sources
-    from ift_dist.data.report import _quality_dir, analyze
+    from ift_dist.data.quality.stage import quality_dir, scan_training_sources
+    from ift_dist.data.report import analyze
 
     config.data.on_bad_record = "skip"  # list them all instead of stopping at the first
-    scanned = scan_training_sources(config.data, work_dir=_quality_dir(config))
+    scanned = scan_training_sources(config.data, work_dir=quality_dir(config.output_dir))
     report = analyze(config, num_proc=args.num_proc, scanned=scanned)  # the same scan: each source read once
     failed = any(item.scan.bad for item in scanned)
     unmaskable = {
@@ -107,15 +108,15 @@ def _stats(config, args) -> int:
 def _preview(config, args) -> int:
     from ift_dist.data.contracts import RenderedSample
     from ift_dist.data.loader import build_loader
-    from ift_dist.data.quality.stage import scan_training_sources
+    from ift_dist.data.quality.stage import quality_dir, scan_training_sources
     from ift_dist.data.render import load_tokenizer
-    from ift_dist.data.report import _quality_dir, batch_rows
+    from ift_dist.data.report import batch_rows
     from ift_dist.data.views import format_sample, removals_html, samples_html
 
     tokenizer = load_tokenizer(config.tokenizer_path)
 
     data = dataclasses.replace(config.data, packing=False, num_workers=0, prepared=None)
-    scanned = scan_training_sources(data, tokenizer=tokenizer, work_dir=_quality_dir(config))
+    scanned = scan_training_sources(data, tokenizer=tokenizer, work_dir=quality_dir(config.output_dir))
     loader = build_loader(data, tokenizer, rank=0, world_size=1, rows_per_batch=1, epochs=1, scanned=scanned)
     removed = [  # the first -n removals of each source, with the record's text
         (removal.to_json(), item.source.get(removal.ref.index))
@@ -158,8 +159,8 @@ def _quality_stage(config, args) -> int:
     near when neither is switched on); filter runs the filters, the model score and the decontamination. Prints the
     removals by reason with examples; --out writes them and the kept records (OpenAI messages JSONL)."""
     from ift_dist.data.loader import scan_sources
-    from ift_dist.data.quality.stage import run_quality, write_quality_report
-    from ift_dist.data.report import _quality_dir
+    from ift_dist.data.quality.stage import quality_dir, run_quality, write_quality_report
+    from ift_dist.data.report import quality_stats
     from ift_dist.data.views import format_quality
 
     quality = config.data.quality
@@ -183,7 +184,7 @@ def _quality_stage(config, args) -> int:
 
         tokenizer = load_tokenizer(config.tokenizer_path)
     scanned = scan_sources(data.sources, "skip")
-    result = run_quality(scanned, data, tokenizer=tokenizer, work_dir=_quality_dir(config))
+    result = run_quality(scanned, data, tokenizer=tokenizer, work_dir=quality_dir(config.output_dir))
     result.apply(scanned)
     sources = {}
     for item in scanned:
@@ -204,15 +205,7 @@ def _quality_stage(config, args) -> int:
         return 0
     for name, counts in sources.items():
         print(f"{name}: {counts['valid']} valid records, {counts['removed']} removed, {counts['kept']} kept")
-    by_reason: dict[str, int] = {}
-    for removal in result.removals:
-        by_reason[removal.reason] = by_reason.get(removal.reason, 0) + 1
-    view = {
-        "removed": len(result.removals),
-        "by_reason": by_reason,
-        "removals": [r.to_json() for r in result.removals],
-    }
-    for line in format_quality(view, args.max_listed) or ["\nnothing removed"]:
+    for line in format_quality(quality_stats(scanned), args.max_listed) or ["\nnothing removed"]:
         print(line)
     if result.clusters:
         print(f"near-duplicate clusters: {len(result.clusters)} (largest {max(map(len, result.clusters))})")

@@ -94,15 +94,16 @@ def collect_texts(config: Any, *, quality: bool, tokenizer: Any = None) -> tuple
     removed and its near-duplicate clusters. Bad records are skipped (`ift data validate` lists them)."""
     from ift_dist.data.contracts import Conversation
     from ift_dist.data.loader import scan_sources
-    from ift_dist.data.quality.stage import quality_active, run_quality
+    from ift_dist.data.quality.stage import quality_active, quality_dir, run_quality
     from ift_dist.data.quality.texts import QualityText
-    from ift_dist.data.report import _quality_dir
 
     scanned = scan_sources(config.data.sources, "skip")
     removals: list = []
     clusters: list = []
     if quality and quality_active(config.data.quality):
-        result = run_quality(scanned, config.data, tokenizer=tokenizer, work_dir=_quality_dir(config))
+        result = run_quality(
+            scanned, config.data, tokenizer=tokenizer, work_dir=quality_dir(config.output_dir)
+        )
         result.apply(scanned)
         removals, clusters = result.removals, result.clusters
     texts = []

@@ -128,7 +128,7 @@ def analyze(
     hand every packed row to `on_row`, and return the report as a plain dict (JSON-ready). `scanned`: the training
     sources from `loader.scan_sources`, when the caller has scanned them already (each source is scanned once)."""
     from ift_dist.data.loader import build_loader
-    from ift_dist.data.quality.stage import scan_training_sources
+    from ift_dist.data.quality.stage import quality_dir, scan_training_sources
     from ift_dist.data.render import Renderer, load_tokenizer
 
     data = dataclasses.replace(
@@ -139,7 +139,7 @@ def analyze(
     tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
 
     if scanned is None:
-        scanned = scan_training_sources(data, tokenizer=tokenizer, work_dir=_quality_dir(config))
+        scanned = scan_training_sources(data, tokenizer=tokenizer, work_dir=quality_dir(config.output_dir))
     renderer = Renderer(tokenizer, data)
     loader = build_loader(
         data, tokenizer, rank=0, world_size=1, rows_per_batch=64, epochs=1, scanned=scanned, renderer=renderer
@@ -202,7 +202,7 @@ def analyze(
         "dropped_samples": drop_list.entries(scanned),
         "turns": _turn_stats(scanned),
         # data.quality: records removed per reason, and every removal (ref, reason, matched, detail).
-        "quality": _quality_stats(scanned),
+        "quality": quality_stats(scanned),
         "lengths": _length_stats(np.asarray(lengths, dtype=np.int64)),
         "tokens": {
             "total": total_tokens,
@@ -220,14 +220,8 @@ def analyze(
     }
 
 
-def _quality_dir(config: Config) -> Any:
-    """Where a data command keeps data.quality's caches (the model-score replies): the run's quality/ directory."""
-    from ift_dist.checkpoint.run_dir import RunDir
-
-    return RunDir(config.output_dir).quality if config.output_dir else None
-
-
-def _quality_stats(scanned: Sequence[Any]) -> dict[str, Any]:
+def quality_stats(scanned: Sequence[Any]) -> dict[str, Any]:
+    """data.quality's removals of scanned sources: how many, by reason (most first), and each one as JSON."""
     by_reason: Counter[str] = Counter()
     removed = []
     for item in scanned:

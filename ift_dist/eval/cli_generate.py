@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ift_dist import exit_codes
+from ift_dist.eval.answers_file import ANSWERS_FILE, answered_ids, answers_path, append_answers, read_answers
 
-ANSWERS_FILE = "answers.jsonl"
 HTML_FILE = "answers.html"
 IFEVAL_SET = "ifeval"
 # lm-eval's IFEval task decodes greedily up to 1280 new tokens (its ifeval.yaml generation_kwargs).
@@ -87,11 +87,8 @@ def generate_into(
     from ift_dist.eval.answers_html import write_answers_html
     from ift_dist.eval.generate import (
         GENERATION_FILE,
-        answered_ids,
-        append_answers,
         chat_template,
         generate_answers,
-        read_answers,
         write_generation_meta,
     )
     from ift_dist.eval.prompt_sets import load_prompt_set, prompts_file, set_label
@@ -205,10 +202,7 @@ def run_ifeval(args: argparse.Namespace, source: Any, model: Any, tokenizer: Any
 
 def run_ifeval_on_file(args: argparse.Namespace) -> int:
     """`ift eval ifeval --answers DIR_OR_FILE`: no model, the answers of an earlier generate."""
-    from ift_dist.eval.generate import read_answers
-
-    path = Path(args.answers)
-    file = path / ANSWERS_FILE if path.is_dir() else path
+    file = answers_path(args.answers)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no answers file")
     out = Path(args.out) if args.out else file.parent

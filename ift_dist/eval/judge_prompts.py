@@ -11,7 +11,6 @@ the turn (turn 2 is judged on the whole conversation) and whether the category i
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -67,16 +66,17 @@ class AnswerRecord:
 
 def read_answers(path: Path) -> list[AnswerRecord]:
     """The records of an answers.jsonl, or of DIR/answers.jsonl (an `ift eval generate` output directory); a bad
-    line is a ValueError naming it."""
-    path = path / "answers.jsonl" if path.is_dir() else path
+    record is a ValueError naming it."""
+    from ift_dist.eval.answers_file import answers_path
+    from ift_dist.eval.answers_file import read_answers as read_rows
+
+    path = answers_path(path)
     records = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if line.strip():
-                try:
-                    records.append(AnswerRecord.from_json(json.loads(line)))
-                except (ValueError, KeyError, TypeError) as error:
-                    raise ValueError(f"{path}:{number}: not an answers.jsonl record: {error!r}") from None
+    for number, row in enumerate(read_rows(path), start=1):
+        try:
+            records.append(AnswerRecord.from_json(row))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: record {number}: not an answers.jsonl record: {error!r}") from None
     return records
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ift_dist.eval.generate import read_answers
+from ift_dist.eval.answers_file import read_answers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

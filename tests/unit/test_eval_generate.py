@@ -13,14 +13,12 @@ import torch
 import torch.multiprocessing as multiprocessing
 from shared_paths import DATA
 
+from ift_dist.eval.answers_file import answered_ids, append_answers, read_answers
 from ift_dist.eval.answers_html import write_answers_html
 from ift_dist.eval.generate import (
     SamplingConfig,
-    answered_ids,
-    append_answers,
     chat_template,
     generate_answers,
-    read_answers,
     render_prompt,
     write_generation_meta,
 )

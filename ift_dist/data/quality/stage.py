@@ -214,6 +214,14 @@ def _work_file(work: Path | None, name: str) -> Path:
     return work / name
 
 
+def quality_dir(output_dir: str | None) -> Path | None:
+    """Where data.quality keeps its report and caches (the model-score replies, near-dedup spill files) for a run:
+    <output_dir>/quality/, or nowhere without an output_dir."""
+    from ift_dist.checkpoint.run_dir import RunDir
+
+    return RunDir(output_dir).quality if output_dir else None
+
+
 def write_quality_report(result: QualityResult, directory: str | Path) -> Path:
     """directory/quality.json (counts by source and reason, clusters, counters, seconds) and
     directory/removed.jsonl (one Removal per line: ref, reason, matched, detail)."""
