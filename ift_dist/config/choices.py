@@ -83,18 +83,24 @@ class SourceRole(Choice):
 
 class Template(Choice):
     """data.template: the tokenizer's own chat template, a custom TemplateSpec, or a built-in one
-    (ift_dist.data.templates.BUILTIN_TEMPLATES holds a spec for every other member)."""
+    (ift_dist.data.builtin_templates.BUILTIN_TEMPLATES holds a spec for every other member)."""
 
     tokenizer = "tokenizer"
     custom = "custom"
     alpaca = "alpaca"
+    alpaca_no_preamble = "alpaca_no_preamble"
     llama2 = "llama2"
+    llama2_default_system = "llama2_default_system"
     chatml = "chatml"
     llama3 = "llama3"
     phi3 = "phi3"
     vicuna = "vicuna"
     stablebeluga = "stablebeluga"
     guanaco = "guanaco"
+    firefly = "firefly"
+    yayi = "yayi"
+    hermes = "hermes"
+    linly = "linly"
 
 
 class Supervise(Choice):

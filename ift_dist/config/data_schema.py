@@ -156,8 +156,9 @@ class DataConfig:
     prepared: str | None = None
     # Path of the tokenizer (a local directory or hub id); defaults to the model's.
     tokenizer: str | None = None
-    # "tokenizer" = the tokenizer's own chat template (training matches inference), a built-in name
-    # (alpaca, llama2, chatml, llama3, phi3, vicuna, stablebeluga, guanaco), or "custom" (custom_template).
+    # "tokenizer" = the tokenizer's own chat template (training matches inference), a built-in name (alpaca,
+    # alpaca_no_preamble, llama2, llama2_default_system, chatml, llama3, phi3, vicuna, stablebeluga, guanaco, firefly,
+    # yayi, hermes, linly; docs/data.md), or "custom" (custom_template).
     template: Template = Template.tokenizer
     # A template declared as data, used when template == "custom".
     custom_template: TemplateSpec | None = None

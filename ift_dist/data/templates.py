@@ -1,5 +1,5 @@
-"""Chat templates as data: the built-in TemplateSpecs, their compilation to a Jinja chat template, and the choice of
-the template a run uses (with data.system_prompt written into it).
+"""The chat template a run uses: a TemplateSpec compiled to Jinja, or the tokenizer's own, with data.system_prompt
+written into it.
 
 A TemplateSpec is compiled to an ordinary Hugging Face chat template (the `messages`, `tools`,
 `add_generation_prompt`, `bos_token`, `eos_token` conventions of `apply_chat_template`), so the very same text is
@@ -20,108 +20,7 @@ from ift_dist.config import (
     Template,
     TemplateSpec,
 )
-
-# Stanford Alpaca's two prompt preambles (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
-_ALPACA_SYSTEM = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-_ALPACA_SYSTEM_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
-_VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-
-# Templates for models that have none of their own (base models), one per member of config.Template but tokenizer and
-# custom. Strings as the model families define them; multi-turn follows the same pattern turn after turn, and
-# "{eos_token}" closes every reply.
-BUILTIN_TEMPLATES: dict[str, TemplateSpec] = {
-    # Stanford Alpaca's exact prompts (tatsu-lab/stanford_alpaca train.py PROMPT_DICT): the reply follows
-    # "### Response:" directly, as in their training strings (Alpaca-LoRA and LLaMA-Factory add a newline there):
-    # "<bos>{preamble}\n\n### Instruction:\n...\n\n[### Input:\n...\n\n]### Response:{reply}<eos>".
-    "alpaca": TemplateSpec(
-        prefix="{bos_token}",
-        system="{content}\n\n",
-        default_system=_ALPACA_SYSTEM,
-        default_system_with_input=_ALPACA_SYSTEM_WITH_INPUT,
-        user="### Instruction:\n{content}\n\n### Response:",
-        user_with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
-        assistant_suffix="{eos_token}",
-        separator="\n\n",
-        tool="### Observation:\n{content}\n\n### Response:",
-    ),
-    # Llama-2-chat: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {reply} </s><s>[INST] {user} [/INST]".
-    "llama2": TemplateSpec(
-        user="{bos_token}[INST] {content} [/INST]",
-        system_in_first_user="{bos_token}[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
-        assistant=" {content} ",
-        assistant_suffix="{eos_token}",
-        tool="{bos_token}[INST] {content} [/INST]",
-    ),
-    # ChatML (OpenAI, Qwen, Hermes, SmolLM): "<|im_start|>{role}\n{content}<|im_end|>\n".
-    "chatml": TemplateSpec(
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n",
-        assistant_prefix="<|im_start|>assistant\n",
-        assistant_suffix="<|im_end|>",
-        separator="\n",
-        tool="<|im_start|>tool\n{content}<|im_end|>\n",
-    ),
-    # Llama 3 / 3.1 instruct: "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>".
-    "llama3": TemplateSpec(
-        prefix="{bos_token}",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
-        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant_suffix="<|eot_id|>",
-        tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
-        tool_call='{{"name": "{name}", "parameters": {arguments}}}',
-    ),
-    # Phi-3 instruct: "<|user|>\n{content}<|end|>\n<|assistant|>\n{reply}<|end|>\n".
-    "phi3": TemplateSpec(
-        prefix="{bos_token}",
-        system="<|system|>\n{content}<|end|>\n",
-        user="<|user|>\n{content}<|end|>\n",
-        assistant_prefix="<|assistant|>\n",
-        assistant_suffix="<|end|>",
-        separator="\n",
-        tool="<|user|>\n{content}<|end|>\n",
-    ),
-    # Vicuna v1.1 (FastChat "vicuna_v1.1"): "{system} USER: {user} ASSISTANT: {reply}</s>USER: ...".
-    "vicuna": TemplateSpec(
-        prefix="{bos_token}",
-        system="{content} ",
-        default_system=_VICUNA_SYSTEM,
-        user="USER: {content} ",
-        assistant_prefix="ASSISTANT:",
-        assistant=" {content}",
-        assistant_suffix="{eos_token}",
-        tool="USER: {content} ",
-    ),
-    # Stable Beluga (Orca style): "### System:\n{system}\n\n### User:\n{user}\n\n### Assistant:\n{reply}".
-    "stablebeluga": TemplateSpec(
-        prefix="{bos_token}",
-        system="### System:\n{content}\n\n",
-        user="### User:\n{content}\n\n",
-        assistant_prefix="### Assistant:\n",
-        assistant_suffix="{eos_token}",
-        separator="\n\n",
-        tool="### User:\n{content}\n\n",
-    ),
-    # Guanaco (QLoRA, OpenAssistant): "### Human: {user} ### Assistant: {reply}".
-    "guanaco": TemplateSpec(
-        prefix="{bos_token}",
-        system="{content}\n",
-        user="### Human: {content} ",
-        assistant_prefix="### Assistant:",
-        assistant=" {content}",
-        assistant_suffix="{eos_token}",
-        tool="### Human: {content} ",
-    ),
-}
+from ift_dist.data.builtin_templates import BUILTIN_TEMPLATES
 
 
 def _literal(text: str) -> str:

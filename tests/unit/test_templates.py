@@ -10,6 +10,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from ift_dist.config import ConfigError, DataConfig, Template, TemplateSpec, load_config
+from ift_dist.data.builtin_templates import (
+    ALPACA_SYSTEM,
+    GUANACO_SYSTEM,
+    LLAMA2_SYSTEM,
+    STABLEBELUGA_SYSTEM,
+    VICUNA_SYSTEM,
+    YAYI_SYSTEM,
+)
 from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 from ift_dist.data.render import Renderer, round_trip_errors, supervised_turns
 from ift_dist.data.templates import (
@@ -54,7 +62,32 @@ EXPECTED = {
     "vicuna": f"{E}Be brief. USER: Hi ASSISTANT: Hello.{E}USER: 2+2? ASSISTANT: 4{E}",
     "stablebeluga": f"{E}### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello.{E}\n\n"
     f"### User:\n2+2?\n\n### Assistant:\n4{E}\n\n",
-    "guanaco": f"{E}Be brief.\n### Human: Hi ### Assistant: Hello.{E}### Human: 2+2? ### Assistant: 4{E}",
+    "guanaco": f"{E}Be brief. ### Human: Hi ### Assistant: Hello.{E}### Human: 2+2? ### Assistant: 4{E}",
+    "alpaca_no_preamble": f"{E}Be brief.\n\n### Instruction:\nHi\n\n### Response:Hello.{E}\n\n"
+    f"### Instruction:\n2+2?\n\n### Response:4{E}\n\n",
+    "llama2_default_system": f"{E}[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. {E}{E}[INST] 2+2? [/INST] 4 {E}",
+    "firefly": f"{E}Be brief.{E}Hi{E}Hello.{E}2+2?{E}4{E}",
+    "yayi": "<|System|>:\nBe brief.\n\n<|Human|>:\nHi\n\n<|YaYi|>:\nHello.\n\n<|End|>"
+    "<|Human|>:\n2+2?\n\n<|YaYi|>:\n4\n\n<|End|>",
+    "hermes": f"{E}Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.{E}\n\n"
+    f"### Instruction:\n2+2?\n\n### Response:\n4{E}\n\n",
+    "linly": f"{E}System: Be brief.\nUser: Hi\nBot: Hello.{E}\nUser: 2+2?\nBot: 4{E}\n",
+}
+# The same chat without its system message: where a template has a default system prompt, it takes the place.
+EXPECTED_NO_SYSTEM = {
+    "llama2": f"{E}[INST] Hi [/INST] Hello. {E}{E}[INST] 2+2? [/INST] 4 {E}",
+    "llama2_default_system": f"{E}[INST] <<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\nHi [/INST] Hello. {E}"
+    f"{E}[INST] 2+2? [/INST] 4 {E}",
+    "stablebeluga": f"{E}### System:\n{STABLEBELUGA_SYSTEM}\n\n### User:\nHi\n\n### Assistant:\nHello.{E}\n\n"
+    f"### User:\n2+2?\n\n### Assistant:\n4{E}\n\n",
+    "guanaco": f"{E}{GUANACO_SYSTEM} ### Human: Hi ### Assistant: Hello.{E}### Human: 2+2? ### Assistant: 4{E}",
+    "alpaca_no_preamble": f"{E}### Instruction:\nHi\n\n### Response:Hello.{E}\n\n"
+    f"### Instruction:\n2+2?\n\n### Response:4{E}\n\n",
+    "firefly": f"{E}Hi{E}Hello.{E}2+2?{E}4{E}",
+    "yayi": f"<|System|>:\n{YAYI_SYSTEM}\n\n<|Human|>:\nHi\n\n<|YaYi|>:\nHello.\n\n<|End|>"
+    "<|Human|>:\n2+2?\n\n<|YaYi|>:\n4\n\n<|End|>",
+    "hermes": f"{E}### Instruction:\nHi\n\n### Response:\nHello.{E}\n\n### Instruction:\n2+2?\n\n### Response:\n4{E}\n\n",
+    "linly": f"{E}User: Hi\nBot: Hello.{E}\nUser: 2+2?\nBot: 4{E}\n",
 }
 # The generation prompt each built-in ends with after a user turn (what inference appends).
 GENERATION_PROMPT = {
@@ -66,6 +99,12 @@ GENERATION_PROMPT = {
     "vicuna": "ASSISTANT:",
     "stablebeluga": "### Assistant:\n",
     "guanaco": "### Assistant:",
+    "alpaca_no_preamble": "### Response:",
+    "llama2_default_system": " [/INST]",
+    "firefly": f"2+2?{E}",  # none of its own: the user turn's eos ends the prompt
+    "yayi": "<|YaYi|>:\n",
+    "hermes": "### Response:\n",
+    "linly": "Bot:",
 }
 # A tokenizer in which each built-in's end-of-turn marker is one special token, for the round trip.
 NATIVE_TOKENIZER = {
@@ -77,7 +116,17 @@ NATIVE_TOKENIZER = {
     "vicuna": "gpt2",
     "stablebeluga": "gpt2",
     "guanaco": "gpt2",
+    "alpaca_no_preamble": "gpt2",
+    "llama2_default_system": "gpt2",
+    # bos and eos differ here, so a user turn's closing token cannot pass for the reply's.
+    "firefly": "llama-3.1-instruct",
+    "yayi": "gpt2",
+    "hermes": "gpt2",
+    "linly": "gpt2",
 }
+# Tokens a format's own tokenizer adds as special tokens before training (YAYI's load_tokenizer).
+YAYI_TOKENS = ("<|System|>", "<|Human|>", "<|YaYi|>", "<|End|>")
+ADDED_TOKENS = {"yayi": YAYI_TOKENS}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +139,17 @@ def tokenizers(shared_dir):
         return cache[name]
 
     return get
+
+
+def native_tokenizer(tokenizers, name: str):
+    """The round-trip tokenizer of a built-in template, with the special tokens its format adds."""
+    tokenizer = tokenizers(NATIVE_TOKENIZER[name])
+    if name in ADDED_TOKENS:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(ADDED_TOKENS[name])}, replace_extra_special_tokens=False
+        )
+    return tokenizer
 
 
 def conversation(messages, index=0, tools=None) -> Conversation:
@@ -109,14 +169,21 @@ def render_text(tokenizer, template: str, messages, **kwargs) -> str:
 def test_builtin_names_are_the_documented_ones():
     assert set(BUILTIN_TEMPLATES) == {
         "alpaca",
+        "alpaca_no_preamble",
         "llama2",
+        "llama2_default_system",
         "chatml",
         "llama3",
         "phi3",
         "vicuna",
         "stablebeluga",
         "guanaco",
+        "firefly",
+        "yayi",
+        "hermes",
+        "linly",
     }
+    assert set(EXPECTED) == set(GENERATION_PROMPT) == set(NATIVE_TOKENIZER) == set(BUILTIN_TEMPLATES)
 
 
 def test_alpaca_with_and_without_input_is_the_stanford_prompt(tokenizers):
@@ -151,6 +218,141 @@ def test_alpaca_renderer_uses_the_input_prompt_for_alpaca_records(tokenizers):
     assert supervised_turns(sample, gpt2) == [("3", E)]
 
 
+@pytest.mark.parametrize(
+    ("name", "response"), [("alpaca_no_preamble", "### Response:"), ("hermes", "### Response:\n")]
+)
+def test_alpaca_style_without_preamble_with_and_without_input(tokenizers, name, response):
+    """Stanford's layout with no preamble: alpaca_no_preamble has Stanford's "### Response:" directly before the
+    reply, hermes the newline of the Nous-Hermes model cards."""
+    gpt2 = tokenizers("gpt2")
+    template = compile_template(BUILTIN_TEMPLATES[name])
+    with_input = [
+        Message("user", "Translate.\n\nBonjour", alpaca=("Translate.", "Bonjour")),
+        Message("assistant", "Hello"),
+    ]
+    expected = f"{E}### Instruction:\nTranslate.\n\n### Input:\nBonjour\n\n{response}Hello{E}\n\n"
+    assert render_text(gpt2, template, with_input) == expected
+    without_input = [
+        Message("user", "Name a color.", alpaca=("Name a color.", "")),
+        Message("assistant", "Red"),
+    ]
+    assert (
+        render_text(gpt2, template, without_input)
+        == f"{E}### Instruction:\nName a color.\n\n{response}Red{E}\n\n"
+    )
+    sample = Renderer(gpt2, DataConfig(template=name)).render(conversation(with_input))
+    assert supervised_turns(sample, gpt2) == [("Hello", E)]
+
+
+# The supervised token runs of CHAT, decoded, under each template's round-trip tokenizer: each reply with its
+# end-of-turn marker (and what the format writes between them), nothing else.
+SUPERVISED = {
+    "alpaca_no_preamble": [f"Hello.{E}", f"4{E}"],
+    "llama2_default_system": [f" Hello. {E}", f" 4 {E}"],
+    "stablebeluga": [f"Hello.{E}", f"4{E}"],
+    "guanaco": [f" Hello.{E}", f" 4{E}"],
+    "firefly": ["Hello.<|eot_id|>", "4<|eot_id|>"],
+    "yayi": ["Hello.\n\n<|End|>", "4\n\n<|End|>"],
+    "hermes": [f"Hello.{E}", f"4{E}"],
+    "linly": [f" Hello.{E}", f" 4{E}"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUPERVISED))
+def test_builtin_supervises_exactly_the_replies(tokenizers, name):
+    tokenizer = native_tokenizer(tokenizers, name)
+    for chat in (CHAT, CHAT[1:]):
+        sample = Renderer(tokenizer, DataConfig(template=name)).render(conversation(chat))
+        assert isinstance(sample, RenderedSample), sample
+        runs, run = [], []
+        for token, label in zip(sample.input_ids, sample.labels, strict=True):
+            if label != IGNORE_INDEX:
+                assert label == token
+                run.append(token)
+            elif run:
+                runs.append(run)
+                run = []
+        runs += [run] if run else []
+        assert [tokenizer.decode(run) for run in runs] == SUPERVISED[name]
+
+
+def test_firefly_closes_every_segment_with_eos(tokenizers):
+    """Firefly's "<s>input</s>target</s>": with a tokenizer whose bos and eos differ, every turn ends in eos, only bos
+    opens the conversation, and each user turn's eos stays unsupervised."""
+    llama = tokenizers("llama-3.1-instruct")
+    sample = Renderer(llama, DataConfig(template="firefly")).render(conversation(CHAT))
+    assert llama.decode(sample.input_ids) == (
+        "<|begin_of_text|>Be brief.<|eot_id|>Hi<|eot_id|>Hello.<|eot_id|>2+2?<|eot_id|>4<|eot_id|>"
+    )
+    assert supervised_turns(sample, llama) == [("Hello.", "<|eot_id|>"), ("4", "<|eot_id|>")]
+
+
+def test_yayi_end_token_closes_each_reply(tokenizers):
+    """With YAYI's four tags added as special tokens (as YAYI does), each is one token and <|End|> is the marker."""
+    tokenizer = native_tokenizer(tokenizers, "yayi")
+    for tag in YAYI_TOKENS:
+        assert len(tokenizer.encode(tag, add_special_tokens=False)) == 1
+    renderer = Renderer(tokenizer, DataConfig(template="yayi"))
+    sample = renderer.render(conversation(CHAT[1:]))
+    assert tokenizer.decode(sample.input_ids).startswith(f"<|System|>:\n{YAYI_SYSTEM}\n\n<|Human|>:\nHi\n\n")
+    assert [marker for _, marker in supervised_turns(sample, tokenizer)] == ["<|End|>", "<|End|>"]
+    assert renderer.generation_prompt("2+2?").endswith("<|Human|>:\n2+2?\n\n<|YaYi|>:\n")
+
+
+# Templates with a default system prompt, and the template that renders the same chat without it.
+DEFAULT_SYSTEMS = {
+    "alpaca": (ALPACA_SYSTEM, "alpaca_no_preamble"),
+    "vicuna": (VICUNA_SYSTEM, None),
+    "stablebeluga": (STABLEBELUGA_SYSTEM, None),
+    "guanaco": (GUANACO_SYSTEM, None),
+    "yayi": (YAYI_SYSTEM, None),
+    "llama2_default_system": (LLAMA2_SYSTEM, "llama2"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_SYSTEMS))
+def test_default_system_prompt_applies_only_without_system_and_system_prompt(tokenizers, name):
+    """The default fills in for a conversation with no system message; the conversation's own system message and
+    data.system_prompt replace it; data.system_prompt "" leaves it out."""
+    default, without_default = DEFAULT_SYSTEMS[name]
+    tokenizer = native_tokenizer(tokenizers, name)
+
+    def text(chat, template: str = name, **settings) -> str:
+        sample = Renderer(tokenizer, DataConfig(template=template, **settings)).render(conversation(chat))
+        assert isinstance(sample, RenderedSample), sample
+        return tokenizer.decode(sample.input_ids)
+
+    assert default in text(CHAT[1:])
+    assert default not in text(CHAT)
+    mine = [Message("system", "Mine."), *CHAT[1:]]
+    assert text(CHAT[1:], system_prompt="Mine.") == text(mine)
+    removed = text(CHAT[1:], system_prompt="")
+    assert default not in removed and "Hi" in removed
+    if without_default is not None:
+        assert removed == text(CHAT[1:], template=without_default)
+
+
+def test_llama2_default_system_prompt_is_opt_in(tokenizers):
+    """Meta no longer applies Llama-2's system prompt by default (meta-llama/llama UPDATES.md), nor does transformers
+    (use_default_system_prompt=False): "llama2" renders none, "llama2_default_system" renders Meta's text."""
+    gpt2 = tokenizers("gpt2")
+    assert "<<SYS>>" not in render_text(gpt2, compile_template(BUILTIN_TEMPLATES["llama2"]), CHAT[1:])
+    assert LLAMA2_SYSTEM == (
+        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+        "safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal "
+        "content. Please ensure that your responses are socially unbiased and positive in nature.\n\nIf a question "
+        "does not make any sense, or is not factually coherent, explain why instead of answering something not "
+        "correct. If you don't know the answer to a question, please don't share false information."
+    )
+    prompt = render_text(
+        gpt2,
+        compile_template(BUILTIN_TEMPLATES["llama2_default_system"]),
+        CHAT[1:2],
+        add_generation_prompt=True,
+    )
+    assert prompt == f"{E}[INST] <<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\nHi [/INST]"
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_builtin_exact_multi_turn_text(tokenizers, name):
     gpt2 = tokenizers("gpt2")
@@ -163,9 +365,18 @@ def test_builtin_exact_multi_turn_text(tokenizers, name):
     assert EXPECTED[name][len(prompt) :].lstrip().startswith("4")
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED_NO_SYSTEM))
+def test_builtin_exact_multi_turn_text_without_system(tokenizers, name):
+    gpt2 = tokenizers("gpt2")
+    template = compile_template(BUILTIN_TEMPLATES[name])
+    assert render_text(gpt2, template, CHAT[1:]) == EXPECTED_NO_SYSTEM[name]
+    prompt = render_text(gpt2, template, CHAT[1:4], add_generation_prompt=True)
+    assert EXPECTED_NO_SYSTEM[name].startswith(prompt) and prompt.endswith(GENERATION_PROMPT[name])
+
+
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_builtin_round_trip_multi_turn(tokenizers, name):
-    tokenizer = tokenizers(NATIVE_TOKENIZER[name])
+    tokenizer = native_tokenizer(tokenizers, name)
     renderer = Renderer(tokenizer, DataConfig(template=name))
     chats = [
         conversation(CHAT, 0),
