@@ -12,6 +12,8 @@ constant learning rate, gradient clipping 1.0:
   hf_padded  transformers.Trainer, one sample per row right-padded to the micro batch's longest, the model's loss.
              The baseline of the ratios.
   hf_flat    transformers.Trainer with DataCollatorWithFlattening: packed without padding, position_ids.
+  ift_lora, hf_lora  (not by default) LoRA with the seeds' recipe (r 16, alpha 32, dropout 0.05 on q/k/v/o): ift-dist's
+             model.adapter, and the Trainer on peft's get_peft_model with padded rows (what TRL's SFTTrainer runs).
 The samples: ift-dist's own loader is run here first, per rank; each micro batch of the Trainer contenders holds
 exactly the samples of the matching ift-dist micro batch (same token ids, same assistant-only labels), so every
 contender trains on the same real tokens per step and the per-step losses agree up to batching numerics.
@@ -51,13 +53,15 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-CONTENDERS = ("ift", "ift_reference", "hf_padded", "hf_flat")
+CONTENDERS = ("ift", "ift_reference", "hf_padded", "hf_flat", "ift_lora", "hf_lora")
 DEFAULT_CONTENDERS = "ift,hf_padded,hf_flat"
 NAMES = {
     "ift": "ift-dist (packed rows, fused loss)",
     "ift_reference": "ift-dist, train.loss=reference",
     "hf_padded": "HF Trainer, padded",
     "hf_flat": "HF Trainer, DataCollatorWithFlattening",
+    "ift_lora": "ift-dist, LoRA (model.adapter)",
+    "hf_lora": "HF Trainer + peft LoRA, padded",
 }
 DEFAULT_SOURCES = [
     {"path": str(SHARED / "data/llamafactory/alpaca_en_demo.json"), "name": "alpaca_en"},

@@ -41,6 +41,10 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
+# The LoRA contenders: the seeds' recipe on the attention projections (ift_dist.config.AdapterConfig's defaults).
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "[q_proj,k_proj,v_proj,o_proj]"}
+
+
 def run_ift(workdir: Path, local_rank: int, contender: str) -> tuple[list[dict[str, Any]], float]:
     from ift_dist import metrics, train
 
@@ -59,6 +63,10 @@ def run_ift(workdir: Path, local_rank: int, contender: str) -> tuple[list[dict[s
     overrides = [*overrides, f"output_dir={workdir / contender}-run"]
     if contender == "ift_reference":
         overrides.append("train.loss=reference")
+    if contender == "ift_lora":
+        overrides += [f"model.adapter.{key}={value}" for key, value in LORA.items()] + [
+            "model.adapter.type=lora"
+        ]
     code = train.main([str(workdir / "ift.yaml"), *overrides, f"--local_rank={local_rank}"])
     if code != 0:
         raise SystemExit(code)
@@ -157,8 +165,21 @@ def run_hf(workdir: Path, contender: str) -> tuple[list[dict[str, Any]], float]:
         setup["model"], dtype=getattr(torch, setup["dtype"]), attn_implementation=setup["hf_attention"]
     )
     model.config.use_cache = False
+    if contender == "hf_lora":
+        from peft import LoraConfig, get_peft_model
 
-    if contender == "hf_padded":
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type="CAUSAL_LM",
+                r=LORA["r"],
+                lora_alpha=LORA["alpha"],
+                lora_dropout=LORA["dropout"],
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            ),
+        )
+
+    if contender in ("hf_padded", "hf_lora"):
         pad_id = setup["pad_id"]
 
         def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -194,7 +215,9 @@ def run_hf(workdir: Path, contender: str) -> tuple[list[dict[str, Any]], float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--contender", required=True, choices=("ift", "ift_reference", "hf_padded", "hf_flat")
+        "--contender",
+        required=True,
+        choices=("ift", "ift_reference", "hf_padded", "hf_flat", "ift_lora", "hf_lora"),
     )
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--local_rank", type=int, default=0)  # from the deepspeed launcher

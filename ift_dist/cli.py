@@ -121,6 +121,14 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     parser.add_argument("--no-verify", action="store_true", help="skip checking the files against the marker")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="adapter runs: the base model with the adapter merged in (else: the adapter)",
+    )
+    parser.add_argument(
+        "--base", default=None, help="with --merge: the base model (default: the run's model.name_or_path)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -286,16 +286,20 @@ def shard_files(engine: Any, directory: str | Path, tag: str) -> list[Path]:
     ]
 
 
-def save_shards(engine: Any, directory: str | Path, tag: str) -> list[Path]:
+def save_shards(engine: Any, directory: str | Path, tag: str, *, frozen_base: bool = False) -> list[Path]:
     """This rank's ZeRO-3 shards (model and optimizer states) into directory/tag, which must exist; every rank must
-    call it. Returns the files this rank wrote; raises ShardSaveError when a write failed.
+    call it. Returns the files this rank wrote; raises ShardSaveError when a write failed. frozen_base (an adapter
+    run): the frozen weights are left out, so the checkpoint holds the adapter and its optimizer state only (the
+    base is loaded from model.name_or_path again on resume).
 
     DeepSpeed 0.19's save_checkpoint is: partition, barrier, tag check (all-reduce), this rank's writes, all-gather
     of the persistent parameters (checkpoint_event_epilogue), barrier. A rank whose write raises skips the last two
     and the others would wait for it forever; it runs them here before raising, so the ranks stay in step and every
     rank can learn about the failure afterwards (Checkpointer.save gathers it)."""
     try:
-        engine.save_checkpoint(str(directory), tag=tag, client_state={}, save_latest=False)
+        engine.save_checkpoint(
+            str(directory), tag=tag, client_state={}, save_latest=False, exclude_frozen_parameters=frozen_base
+        )
     except (OSError, RuntimeError) as error:
         logger.error(
             "rank could not write its DeepSpeed checkpoint files into %s/%s: %s", directory, tag, error
@@ -308,15 +312,22 @@ def save_shards(engine: Any, directory: str | Path, tag: str) -> list[Path]:
     return shard_files(engine, directory, tag)
 
 
-def load_shards(engine: Any, directory: str | Path, tag: str, *, universal: bool) -> None:
+def load_shards(
+    engine: Any, directory: str | Path, tag: str, *, universal: bool, frozen_base: bool = False
+) -> None:
     """Weights and optimizer states from directory/tag into the engine (every rank). `universal`: a universal
-    checkpoint (another world size); the engine must have been built with `allow_universal_load`."""
+    checkpoint (another world size); the engine must have been built with `allow_universal_load`. frozen_base: the
+    checkpoint has no frozen weights (save_shards), which keep the values the model was loaded with."""
     groups = [
         {key: value for key, value in group.items() if key != "params"}
         for group in engine.optimizer.param_groups
     ]
     path, _ = engine.load_checkpoint(
-        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(directory),
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+        load_module_strict=not frozen_base,
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {Path(directory) / tag}")
@@ -330,12 +341,13 @@ class EngineShards:
     this rank's ZeRO-3 shards itself, through `save_shards` and `load_shards`."""
 
     engine: Any
+    frozen_base: bool = False  # an adapter run: checkpoints hold the trainable parameters only
 
     def save(self, directory: Path, tag: str) -> list[Path]:
-        return save_shards(self.engine, directory, tag)
+        return save_shards(self.engine, directory, tag, frozen_base=self.frozen_base)
 
     def load(self, directory: Path, tag: str, *, universal: bool) -> None:
-        load_shards(self.engine, directory, tag, universal=universal)
+        load_shards(self.engine, directory, tag, universal=universal, frozen_base=self.frozen_base)
 
 
 def _repair_universal_load(engine: Any, groups: list[dict[str, Any]]) -> None:

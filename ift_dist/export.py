@@ -29,6 +29,7 @@ from ift_dist.checkpoint.discovery import latest_checkpoint
 from ift_dist.checkpoint.protocol import verify
 from ift_dist.checkpoint.run_dir import MODEL_FILES, TRAIN_STATE, RunDir
 from ift_dist.config import Config, DType
+from ift_dist.export_adapter import export_adapter, export_merged, is_adapter_checkpoint
 from ift_dist.model import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -46,12 +47,18 @@ def parse_size(text: str) -> int:
     return int(number * factors[unit])
 
 
-def save_model_files(directory: Path, model: Any, tokenizer: Any, chat_template: str | None) -> None:
+def save_model_files(
+    directory: Path, model: Any, tokenizer: Any, chat_template: str | None, peft_model: Any = None
+) -> None:
     """What an export needs besides the weights (rank 0, when training starts; every checkpoint copies it): the
     model's config (as for inference: KV cache on, the stock attention), its generation config, and the tokenizer
     carrying the chat template training rendered with (Renderer.chat_template), so inference formats prompts the same
-    way."""
+    way. An adapter run adds the adapter's adapter_config.json in adapter/ (ift_dist/export_adapter.py)."""
     directory.mkdir(parents=True, exist_ok=True)
+    if peft_model is not None:
+        from ift_dist.adapter import ADAPTER_DIR, ADAPTER_NAME
+
+        peft_model.peft_config[ADAPTER_NAME].save_pretrained(directory / ADAPTER_DIR)
     config = copy.deepcopy(model.config)
     config.use_cache = True
     config._attn_implementation = (
@@ -116,10 +123,14 @@ def export_checkpoint(
     max_shard_size: str = "5GB",
     check: bool = True,
     overwrite: bool = False,
+    merge: bool = False,
+    base: str | None = None,
 ) -> Path:
     """Write the HF model directory of `checkpoint` (a step_<N> directory) to out_dir; returns out_dir.
     dtype: "auto" = the training dtype, or float32/bfloat16/float16. check: verify the checkpoint's files against its
-    completion marker first. overwrite: replace an existing out_dir (else it must not exist or be empty)."""
+    completion marker first. overwrite: replace an existing out_dir (else it must not exist or be empty).
+    An adapter run's checkpoint gives a peft adapter directory, or with `merge` the base model (`base`, default
+    the run's model.name_or_path) with the adapter merged in (ift_dist/export_adapter.py)."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -132,6 +143,12 @@ def export_checkpoint(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     state = json.loads((checkpoint / TRAIN_STATE).read_text())
+    if is_adapter_checkpoint(checkpoint):
+        return _export_adapter_run(checkpoint, out_dir, state, dtype, max_shard_size, merge, base)
+    if merge:
+        raise ValueError(
+            f"--merge: {checkpoint} is a full-parameter checkpoint, there is no adapter to merge"
+        )
     trust_remote_code = bool(state["config"]["model"].get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(files, trust_remote_code=trust_remote_code)
     target = TORCH_DTYPES[dtype] if dtype != DType.auto else _config_dtype(config)
@@ -184,9 +201,46 @@ def export_checkpoint(
     return out_dir
 
 
+def _export_adapter_run(
+    checkpoint: Path,
+    out_dir: Path,
+    state: dict,
+    dtype: str,
+    max_shard_size: str,
+    merge: bool,
+    base: str | None,
+) -> Path:
+    """export_checkpoint of an adapter run: the adapter directory, or the merged model; the same partial-then-rename
+    protocol and provenance file as a full model."""
+    target = TORCH_DTYPES[dtype] if dtype != DType.auto else None
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if merge:
+        export_merged(checkpoint, partial, dtype=target, max_shard_size=max_shard_size, base=base)
+    else:
+        export_adapter(checkpoint, partial, dtype=target)
+    provenance = {"checkpoint": str(checkpoint.resolve()), "step": state["step"], "adapter": not merge,
+                  "merged": merge, "dtype": str(target) if target else "float32" if not merge else "training"}  # fmt: skip
+    (partial / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    logger.info("exported %s (step %d) to %s: %s", checkpoint, state["step"], out_dir,
+                "merged model" if merge else "peft adapter")  # fmt: skip
+    return out_dir
+
+
 def export_dir(cfg: Config) -> Path:
     """Where training exports its final checkpoint (export.at_end): export.dir, else <output_dir>/hf_model."""
     return Path(cfg.export.dir) if cfg.export.dir else RunDir(cfg.output_dir).hf_model
+
+
+def exported_message(model_dir: Path, *, adapter: bool) -> str:
+    """What training prints after its export: how to chat with the model, or how to use the adapter."""
+    if adapter:
+        return (f"exported the LoRA adapter {model_dir} (load it with peft's PeftModel.from_pretrained on the base; "
+                f"a merged model: ift export RUN_DIR OUT_DIR --merge)")  # fmt: skip
+    return f"exported {model_dir}; chat with it: {chat_command(model_dir)}"
 
 
 def chat_command(
@@ -232,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             check=not args.no_verify,
             overwrite=args.overwrite,
+            merge=args.merge,
+            base=args.base,
         )
     except (OSError, ValueError) as error:
         print(f"ift export: {error}", file=sys.stderr)

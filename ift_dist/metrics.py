@@ -244,6 +244,15 @@ class RunLogger:
             table = wandb.Table(columns=["when", "prompt", "answer"], data=[[when, p, a] for p, a in answers])
             self.run.log({f"samples/{when}": table}, step=step)
 
+    def parameters(self, step: int, counts: dict[str, int], line: str) -> None:
+        """The trainable and total parameter counts (once per start): a metrics.jsonl record, the W&B summary."""
+        if not self.enabled:
+            return
+        self._write({"step": step, **counts})
+        self.bar.write(line)
+        if self.run is not None:
+            self.run.summary.update(counts)
+
     def message(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)

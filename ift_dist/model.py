@@ -36,6 +36,56 @@ def resolve_dtype(requested: DType, device: Any) -> torch.dtype:
     return TORCH_DTYPES[requested]
 
 
+def load_adapted_model(
+    config: ModelConfig,
+    *,
+    seed: int,
+    device: Any = None,
+    init_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    before_adapter: Callable[[Any], None] | None = None,
+) -> tuple[Any, str, Any]:
+    """`load_model` for training, then model.adapter injected (ift_dist.adapter): (the HF model to train, its
+    attention backend, the PeftModel around it or None for full-parameter training). before_adapter(model) runs
+    first (the engine's check that every loaded weight is a ZeRO-3 shard). The adapter is injected inside
+    `init_context`, where peft sees ZeRO-3 enabled and gathers the partitioned weights it reads (DoRA's norms)."""
+    model, backend = load_model(config, device=device, training=True, init_context=init_context)
+    if before_adapter is not None:
+        before_adapter(model)
+    if not config.adapter.enabled:
+        return model, backend, None
+    from ift_dist.adapter import apply_adapter
+
+    with init_context():
+        peft_model = apply_adapter(model, config.adapter, seed=seed)
+    # Activation checkpointing needs no input that requires grad (non-reentrant): frozen embeddings are fine.
+    return model, backend, peft_model
+
+
+def quantization_config(config: ModelConfig, device: Any) -> Any:
+    """transformers' BitsAndBytesConfig of model.quantization (QLoRA), refused without CUDA or bitsandbytes."""
+    import importlib.util
+
+    from ift_dist.config import ConfigError
+
+    if torch.device(device).type != "cuda":
+        raise ConfigError(
+            "model.quantization: 4-bit QLoRA needs CUDA GPUs (bitsandbytes); this run is on the CPU. Train the LoRA "
+            "adapter on the unquantized base instead (remove model.quantization)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization: needs the bitsandbytes package: pip install 'ift-dist[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    compute = TORCH_DTYPES[config.quantization.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=str(config.quantization.type),
+        bnb_4bit_use_double_quant=config.quantization.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # ZeRO-3 shards the packed weights as tensors of this dtype
+    )
+
+
 def load_model(
     config: ModelConfig,
     *,
@@ -64,6 +114,8 @@ def load_model(
             raise FileNotFoundError(f"model.gguf_file: {local / config.gguf_file} does not exist")
         options["gguf_file"] = config.gguf_file
     bars = gguf_progress_bar_follows_transformers() if config.gguf_file else contextlib.nullcontext()
+    if config.quantization.enabled:
+        options["quantization_config"] = quantization_config(config, device)
     with init_context(), bars:
         model = AutoModelForCausalLM.from_pretrained(config.name_or_path, **options)
     if config.gguf_file:

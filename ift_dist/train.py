@@ -26,6 +26,7 @@ import torch
 from ift_dist import dist, exit_codes
 from ift_dist import engine as engine_lib
 from ift_dist import export as export_lib
+from ift_dist.adapter import count_line, parameter_counts
 from ift_dist.attention import packed_forward_kwargs
 from ift_dist.checkpoint import compat, discovery, universal
 from ift_dist.checkpoint.checkpointer import Checkpointer
@@ -34,7 +35,7 @@ from ift_dist.checkpoint.run_dir import RunDir
 from ift_dist.checkpoint.save_policy import SavePolicy, StopSignals, resolve_deadline
 from ift_dist.checkpoint.state import Progress, rank_components
 from ift_dist.config import Config, ConfigError, load_config, save_config, to_dict
-from ift_dist.data.contracts import IGNORE_INDEX, PackedBatch, RenderedSample
+from ift_dist.data.contracts import PackedBatch, RenderedSample
 from ift_dist.data.loader import PackedLoader, build_loader
 from ift_dist.data.quality.stage import scan_training_sources
 from ift_dist.data.render import Renderer, load_tokenizer, pad_token_id
@@ -42,8 +43,9 @@ from ift_dist.data.views import format_sample
 from ift_dist.eval.in_training import check_benchmarks, score_benchmarks
 from ift_dist.loss import CausalLMLoss, deepspeed_backward_loss
 from ift_dist.metrics import RunLogger, flops_model, memory_gb, peak_flops
-from ift_dist.model import load_model, resolve_dtype
+from ift_dist.model import load_adapted_model, resolve_dtype
 from ift_dist.optim import learning_rate, parameter_groups, set_learning_rate
+from ift_dist.sample_prompts import answer_prompts
 
 logger = logging.getLogger("ift_dist.train")  # not __main__ under -m
 
@@ -146,17 +148,17 @@ def train(cfg: Config) -> int:
         cfg.model.name_or_path, f" / {cfg.model.gguf_file} (de-quantized)" if cfg.model.gguf_file else "", dtype,
         world_size,
     )  # fmt: skip
-    model, backend = load_model(
-        cfg.model, device=device, training=True, init_context=engine_lib.zero3_init(ds_config)
-    )
-    # transformers dequantizes a GGUF file outside zero.Init; deepspeed.initialize partitions it afterwards
+    # transformers dequantizes a GGUF file outside zero.Init; deepspeed.initialize partitions it afterwards. With
+    # model.adapter, LoRA goes into the loaded model (partitioned by deepspeed.initialize) and the base is frozen.
     if cfg.model.gguf_file:
         logger.info("GGUF: loaded whole on every rank, then partitioned by ZeRO-3 (a model directory is not)")
-    else:
-        engine_lib.check_partitioned(model)  # loaded under zero3_init: each rank holds only its shard
+    model, backend, peft_model = load_adapted_model(
+        cfg.model, seed=cfg.seed, device=device, init_context=engine_lib.zero3_init(ds_config),
+        before_adapter=None if cfg.model.gguf_file else engine_lib.check_partitioned,  # each rank: its shard only
+    )  # fmt: skip
     model.train()  # load_model leaves it in eval()
     if rank == 0:  # for the export; every checkpoint copies them
-        export_lib.save_model_files(run.model_files, model, tokenizer, renderer.chat_template)
+        export_lib.save_model_files(run.model_files, model, tokenizer, renderer.chat_template, peft_model)
     module = CausalLMLoss(model, cfg.train.loss)
     groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
     optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
@@ -170,7 +172,7 @@ def train(cfg: Config) -> int:
     checkpointer = Checkpointer(
         run,
         cfg,
-        shards=engine_lib.EngineShards(engine),
+        shards=engine_lib.EngineShards(engine, frozen_base=peft_model is not None),
         progress=progress,
         components=rank_components(train_loader, cfg.seed),
     )
@@ -192,6 +194,10 @@ def train(cfg: Config) -> int:
         start_step=progress.step,
         wandb=cfg.tracking.wandb,
         resolved_config=to_dict(cfg),
+    )
+    counts = parameter_counts(model, peft_model)  # peft's print_trainable_parameters line, for adapter runs
+    log.parameters(
+        progress.step, counts, count_line(counts["trainable_parameters"], counts["total_parameters"])
     )
     if before:
         log.samples(0, "before", before)
@@ -306,7 +312,11 @@ def train(cfg: Config) -> int:
     if cfg.export.at_end and rank == 0:
         if saved_step == step:
             exported = export_final(cfg, step)
-            log.message(f"exported {exported}; chat with it: {export_lib.chat_command(exported)}")
+            log.message(
+                export_lib.exported_message(
+                    exported, adapter=cfg.model.adapter.enabled and not cfg.export.merge
+                )
+            )
         else:
             logger.warning("export.at_end: no checkpoint of the final step (train.save_at_end is off)")
     log.close()
@@ -325,6 +335,7 @@ def export_final(cfg: Config, step: int) -> Path:
         max_shard_size=cfg.export.max_shard_size,
         check=False,  # just written
         overwrite=True,
+        merge=cfg.export.merge and cfg.model.adapter.enabled,
     )
 
 
@@ -368,7 +379,7 @@ def evaluate(
             if not dist.any_rank(batch is not None):
                 break
             if batch is None:
-                batch = idle_batch(tokenizer)
+                batch = PackedBatch.idle(pad_token_id(tokenizer))
             kwargs = packed_forward_kwargs(batch, backend, device=device)
             loss_sum += float(engine(labels=batch.labels.to(device), **kwargs))
             supervised += batch.num_loss_tokens
@@ -381,12 +392,6 @@ def evaluate(
         "eval_perplexity": math.exp(min(eval_loss, 700.0)),
         "eval_tokens": int(tokens),
     }
-
-
-def idle_batch(tokenizer: Any) -> PackedBatch:
-    pad = pad_token_id(tokenizer)
-    ids = torch.full((1, 1), int(pad), dtype=torch.long)
-    return PackedBatch(ids, torch.full_like(ids, IGNORE_INDEX), torch.zeros_like(ids), [[1]], [[]])
 
 
 # The first training sample is a glance, not a page (`ift data preview` shows whole samples).
@@ -406,37 +411,6 @@ def first_sample_text(batch: PackedBatch, tokenizer: Any, *, color: bool | None 
     )
     marks = "in green" if color else "between [[ ]]"
     return f"first training sample:\n{text}\n(supervised text {marks}; see `ift data preview CONFIG` for whole samples)"
-
-
-def answer_prompts(
-    model: Any, tokenizer: Any, renderer: Renderer, cfg: Config, backend: str, device: torch.device
-) -> list[tuple[str, str]]:
-    """Greedy answers to train.sample_prompts, prompted as training renders prompts (Renderer.generation_prompt).
-    Every rank generates (under ZeRO-3 each forward gathers the layers from all ranks; transformers keeps the ranks
-    in step), rank 0 reports."""
-    from ift_dist.attention import enable_packed_attention
-
-    was_training = model.training
-    model.eval()
-    model.set_attn_implementation("sdpa")  # generation runs unpacked
-    answers = []
-    for prompt in cfg.train.sample_prompts:
-        text = renderer.generation_prompt(prompt)  # as training renders prompts, data.system_prompt included
-        inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
-        with torch.no_grad():
-            output = model.generate(
-                **inputs,
-                max_new_tokens=cfg.train.sample_max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad_token_id(tokenizer),
-                synced_gpus=dist.world_size() > 1,
-            )
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        answers.append((prompt, tokenizer.decode(new_tokens, skip_special_tokens=True).strip()))
-    enable_packed_attention(model, backend)
-    model.train(was_training)
-    return answers
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ batch.py    the batch geometry (BatchPlan)                       load.py    YAML
 paths.py    the paths a config names, checked before any rank starts
 eval_schema.py  the eval section (BenchmarkConfig: one multiple-choice benchmark)
 quality_schema.py  data.quality: dedup, decontamination, filters, model score, balance
+adapter_schema.py  model.adapter (LoRA) and model.quantization (QLoRA)
 """
 
+from ift_dist.config.adapter_schema import ALL_LINEAR, AdapterConfig, AdapterType, QuantizationConfig
 from ift_dist.config.batch import BatchPlan, batch_plan
 from ift_dist.config.checks import ConfigError
 from ift_dist.config.choices import (
@@ -59,9 +61,12 @@ from ift_dist.config.schema import (
 )
 
 __all__ = [
+    "ALL_LINEAR",
     "BENCHMARK_NAMES",
     "TEMPLATE_PLACEHOLDERS",
     "TEMPLATE_TOKENS",
+    "AdapterConfig",
+    "AdapterType",
     "AttentionBackend",
     "BalanceConfig",
     "BatchPlan",
@@ -89,6 +94,7 @@ __all__ = [
     "Overlong",
     "PromptFormat",
     "QualityConfig",
+    "QuantizationConfig",
     "RecordFormat",
     "SourceConfig",
     "SourceRole",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ift_dist.config.adapter_schema import AdapterConfig, QuantizationConfig
 from ift_dist.config.batch import BatchPlan, batch_plan
 from ift_dist.config.checks import ConfigError, check_choices, check_positive
 from ift_dist.config.choices import AttentionBackend, DType, LossMode, LrSchedule, OnSaveError, WandbMode
@@ -34,9 +35,24 @@ class ModelConfig:
     attention: AttentionBackend = AttentionBackend.auto
     # Recompute each decoder layer's activations in the backward pass: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
+    # Train an adapter (LoRA) instead of every weight: ift_dist/config/adapter_schema.py, docs/lora.md.
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    # QLoRA: the frozen base quantized to 4 bits (CUDA only; needs adapter.type=lora).
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     def validate(self, key: str) -> None:
         check_choices(self, key)
+        self.adapter.validate(f"{key}.adapter")
+        self.quantization.validate(f"{key}.quantization")
+        if self.quantization.enabled and not self.adapter.enabled:
+            raise ConfigError(
+                f"{key}.quantization.bits: a quantized base cannot be trained in full; set {key}.adapter.type=lora "
+                "(QLoRA) or remove the quantization"
+            )
+        if self.quantization.enabled and self.gguf_file:
+            raise ConfigError(
+                f"{key}.quantization: not with {key}.gguf_file (a GGUF model is loaded dequantized)"
+            )
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -212,8 +228,12 @@ class ExportConfig:
     # Largest safetensors file, e.g. "5GB", "500MB" (powers of 1000, as Hugging Face uses); a parameter larger
     # than this gets a file of its own.
     max_shard_size: str = "5GB"
-    # Weight dtype of the export: "auto" = the training dtype (model.dtype resolved), or float32, bfloat16, float16.
+    # Weight dtype of the export: "auto" = the training dtype (model.dtype resolved; an adapter: float32), or float32,
+    # bfloat16, float16.
     dtype: DType = DType.auto
+    # Adapter runs (model.adapter): export the base model with the adapter merged in, instead of the peft adapter
+    # directory (`ift export --merge` does the same from any checkpoint).
+    merge: bool = False
 
     def validate(self, key: str) -> None:
         check_choices(self, key)

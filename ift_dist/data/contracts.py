@@ -156,6 +156,15 @@ class PackedBatch:
     seq_lens: list[list[int]]  # per row, the sample lengths in order
     refs: list[list[SampleRef]]  # per row, where each sample came from
 
+    @classmethod
+    def idle(cls, pad_id: int) -> PackedBatch:
+        """One pad token and no label: a forward pass that trains and scores nothing, for synced ranks whose share
+        of an evaluation is done while others still run forwards (under ZeRO-3 each forward gathers from all)."""
+        import torch
+
+        ids_11 = torch.full((1, 1), int(pad_id), dtype=torch.long)
+        return cls(ids_11, torch.full_like(ids_11, IGNORE_INDEX), torch.zeros_like(ids_11), [[1]], [[]])
+
     @property
     def num_loss_tokens(self) -> int:
         """Supervised targets in this batch. Equal to (labels[:, 1:] != IGNORE_INDEX).sum() because the first

@@ -70,9 +70,13 @@ def model_directory(model_or_run: str, *, dtype: str = "auto") -> Iterator[Model
     try:
         if dist.rank() == 0:
             from ift_dist.export import export_checkpoint
+            from ift_dist.export_adapter import is_adapter_checkpoint
 
             logger.info("exporting %s for evaluation into %s", checkpoint, exported)
-            export_checkpoint(checkpoint, exported / "model", dtype=dtype)
+            # An adapter run's checkpoint is scored as its base with the adapter merged in.
+            export_checkpoint(
+                checkpoint, exported / "model", dtype=dtype, merge=is_adapter_checkpoint(checkpoint)
+            )
         dist.barrier()
         yield ModelSource(exported / "model", checkpoint, run_config if run_config.is_file() else None)
     finally:

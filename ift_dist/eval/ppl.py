@@ -184,7 +184,7 @@ def evaluate_perplexity(
                 if batch is None and not synced:
                     break
                 if batch is None:  # synced: this rank is done, the others still need its parameter shards
-                    _token_losses(model, head, _idle_batch(tokenizer), backend, device)
+                    _token_losses(model, head, PackedBatch.idle(pad_token_id(tokenizer)), backend, device)
                     continue
                 losses_N, sources_N = _token_losses(model, head, batch, backend, device, source_index)
                 loss_sums.index_add_(0, sources_N, losses_N)
@@ -336,12 +336,6 @@ def _token_losses(
             sources_BT[row, start : start + length] = source_index[ref.source]
             start += length
     return losses_N, sources_BT[supervised_BT]
-
-
-def _idle_batch(tokenizer: Any) -> PackedBatch:
-    """One pad token and no label: a forward pass that scores nothing (synced ranks whose share is done)."""
-    ids_11 = torch.full((1, 1), pad_token_id(tokenizer), dtype=torch.long)
-    return PackedBatch(ids_11, torch.full_like(ids_11, IGNORE_INDEX), torch.zeros_like(ids_11), [[1]], [[]])
 
 
 def _progress_bar(total: int, show: bool) -> Any:

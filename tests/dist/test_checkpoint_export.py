@@ -40,9 +40,10 @@ def consolidated(trained) -> dict[str, torch.Tensor]:
     }
 
 
-def engine_logits(run_dir, out) -> dict[str, torch.Tensor]:
+def engine_logits(run_dir, out, train_steps: int = 0) -> dict[str, torch.Tensor]:
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port"]
     command += [str(free_port()), str(REPO / "tests" / "dist" / "engine_logits.py"), str(run_dir), str(out)]
+    command += ["--train-steps", str(train_steps)] if train_steps else []
     environment = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

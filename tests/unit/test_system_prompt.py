@@ -1,5 +1,5 @@
 """data.system_prompt: the system message of every conversation without one, written into the run's chat template,
-so training samples, the sample prompts (Renderer.generation_prompt, used by train.answer_prompts) and the exported
+so training samples, the sample prompts (Renderer.generation_prompt, used by sample_prompts.answer_prompts) and the exported
 tokenizer all prompt the same way. Under the demo's settings no SmolLM2 sample or prompt carries SmolLM2's own default
 system prompt, which names another assistant than the identity the demo teaches."""
 
@@ -16,7 +16,7 @@ from tiny_model import tiny_llama
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from ift_dist import export as export_lib
-from ift_dist import train
+from ift_dist import sample_prompts
 from ift_dist.config import Config, DataConfig, SourceConfig, load_config
 from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
 from ift_dist.data.render import Renderer, load_tokenizer, round_trip_errors
@@ -175,7 +175,7 @@ def test_answer_prompts_and_the_exported_tokenizer_prompt_as_training_does(demo,
     model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True
     )
-    (answer,) = train.answer_prompts(model, smollm2, renderer, cfg, "sdpa", torch.device("cpu"))
+    (answer,) = sample_prompts.answer_prompts(model, smollm2, renderer, cfg, "sdpa", torch.device("cpu"))
     assert answer[0] == "Who are you?"
     expected = renderer.generation_prompt("Who are you?")
     assert smollm2.decode(seen[0], skip_special_tokens=False) == expected
