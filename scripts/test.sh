@@ -9,4 +9,5 @@ if [ "${IFT_DEPS:-locked}" = latest ]; then VENV=${VENV:-.venv-latest}; else VEN
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
-exec "$VENV/bin/python" -m pytest tests "$@"
+# --durations: the slowest tests in every CI log, to keep the suite within its time budget.
+exec "$VENV/bin/python" -m pytest tests --durations=30 "$@"
