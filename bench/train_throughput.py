@@ -23,8 +23,18 @@ steps after the warm-up of every repeat, from the wall time between optimizer-st
 CPU-second of all ranks (robust to other jobs on a shared machine); peak memory per rank (CPU: resident-set
 high-water mark of each rank process, the whole run; CUDA: torch's peak allocation); MFU on GPUs (the FLOPs formula
 of ift_dist.metrics over the same samples, so it is the same for every contender). Printed as one table with ratios
-to hf_padded. The model is a random Llama with the tokenizer's vocabulary unless --model names one. The work
-directory keeps the model, the batches, the logs and result.json; --report-only prints its table again.
+to hf_padded. A contender that fails (out of memory on the GPU or the host, an error, --timeout) gets a row that says
+so ("OOM", "failed: <its last error line>", "timeout"), and the others still run. The model is a random Llama with
+the tokenizer's vocabulary unless --model names one. The work directory keeps the model, the batches, the logs and
+result.json; --report-only prints its table again.
+
+    python bench/train_throughput.py --search-micro-batch --steps 4 --warmup-steps 2 --accumulation 1 \
+        [--search-start ift=8 --search-max 32 --search-tolerance 0.25]
+
+--search-micro-batch finds, per contender, the largest micro batch (rows per rank; the Trainer contenders get the
+samples of that many packed rows) that fits: doubling from --search-start while it fits, then bisecting between the
+largest fit and the smallest failure (bench/micro_batch_search.py), each probe a --steps run. It prints a line per
+probe as it ends, then a table with the tokens/s at the largest fit and at the fastest probe; search.json keeps all.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import yaml
+from micro_batch_search import Outcome, classify_run, largest_fitting
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,7 +85,7 @@ DEFAULT_SOURCES = [
 logger = logging.getLogger(__name__)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="an existing HF causal LM directory (default: a random Llama, below)")
     parser.add_argument("--hidden", type=int, default=384, help="random Llama: hidden size")
@@ -109,11 +120,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per contender run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--search-micro-batch",
+        action="store_true",
+        help="find each contender's largest micro batch (rows per rank) that fits, each probe a --steps run",
+    )
+    parser.add_argument(
+        "--search-start",
+        default="1",
+        help="first micro batch probed: N, or NAME=N,... per contender (others 1)",
+    )
+    parser.add_argument("--search-max", type=int, default=64, help="largest micro batch probed")
+    parser.add_argument(
+        "--search-tolerance",
+        type=float,
+        default=0.0,
+        help="stop bisecting once the smallest failure is within (1 + this) x the largest fit (fewer probes)",
+    )
+    parser.add_argument(
+        "--search-deadline-s",
+        type=float,
+        help="start no probe after this many seconds of the search (what was found stays a lower bound)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="print the table of the run in --workdir again (same flags)",
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def on_gpu(args: argparse.Namespace) -> bool:
@@ -228,8 +261,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(contender: str, args: argparse.Namespace, workdir: Path, log: Path) -> None:
-    """`deepspeed --num_gpus N bench/train_throughput_rank.py`; on a timeout the whole process group is killed."""
+def launch(contender: str, args: argparse.Namespace, workdir: Path, log: Path) -> Outcome:
+    """`deepspeed --num_gpus N bench/train_throughput_rank.py`; on a timeout the whole process group is killed.
+    A run that fails (out of memory, an error, the timeout) is an outcome to report, not an exception."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
     port = free_port()
     command = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(port)]
@@ -248,19 +282,30 @@ def launch(contender: str, args: argparse.Namespace, workdir: Path, log: Path) -
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+        def stop_ranks(signum: int, frame: Any) -> None:  # the bench itself is stopped (`timeout`, Ctrl-C)
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: the ranks would outlive the bench
+            raise SystemExit(128 + signum)
+
+        handlers = {number: signal.signal(number, stop_ranks) for number in (signal.SIGTERM, signal.SIGINT)}
         try:
             code = process.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             code = "timeout"
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
     # DeepSpeed's CPU shared-memory allreduce leaves a 66 MB segment per rank in /dev/shm, named after the port
     # (ift-dist unlinks its own in engine.init_distributed; the Trainer contenders do not). The ranks are gone now.
     for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         segment.unlink(missing_ok=True)
-    if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{contender} failed ({code}); log {log}:\n{tail}")
+    outcome = classify_run(code, log.read_text(errors="replace"))
+    if not outcome.fits:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        logger.warning("%s: %s (exit %s); log %s, its end:\n%s", contender, outcome.cell(), code, log, tail)
+    return outcome
 
 
 def read_run(contender: str, args: argparse.Namespace, workdir: Path, steps: list[dict]) -> dict[str, Any]:
@@ -299,69 +344,243 @@ def device_name(gpu: bool) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def print_table(runs: dict[str, list[dict]], steps: list[dict], args: argparse.Namespace, flops: Any) -> None:
-    """One markdown row per contender. "tokens/s": the median over the timed steps of every run of the step's real
-    tokens / its wall time. "tokens per CPU-s": the same over the CPU time of all ranks, the work a step costs: on a
-    machine shared with other jobs it is not inflated by waiting for a core, as wall time is."""
+def summarize(
+    results: list[dict], steps: list[dict], args: argparse.Namespace, flops: Any
+) -> dict[str, Any] | None:
+    """The numbers of one contender over its successful runs (None when none succeeded). "tokens/s": the median
+    over the timed steps of every run of the step's real tokens / its wall time. "tokens per CPU-s": the same over
+    the CPU time of all ranks, the work a step costs: on a machine shared with other jobs it is not inflated by
+    waiting for a core, as wall time is."""
     from ift_dist.metrics import peak_flops
 
+    results = [result for result in results if result.get("status", "ok") == "ok"]
+    if not results:
+        return None
     first = args.warmup_steps
     peak = peak_flops(torch.device("cuda")) if on_gpu(args) else None
-    step_flops = [flops.flops(step["lengths"]) for step in steps[first:]]
 
-    def per_step(results: list[dict], key: str) -> list[tuple[int, float]]:
+    def per_step(key: str) -> list[tuple[int, float]]:
         return [(first + step, seconds) for result in results for step, seconds in enumerate(result[key])]
 
-    summary = {}
-    for contender, results in runs.items():
-        wall, cpu = per_step(results, "step_seconds"), per_step(results, "step_cpu_seconds")
-        mfu = None
-        if peak:
-            mfu = statistics.median(
-                step_flops[k - first] / (seconds * args.ranks * peak) for k, seconds in wall
-            )
-        summary[contender] = (
-            statistics.median(steps[k]["tokens"] / seconds for k, seconds in wall),
-            statistics.median(steps[k]["tokens"] / seconds for k, seconds in cpu),
-            max(max(result["peak_memory_gb"]) for result in results),
-            mfu,
-            results[0]["losses"],
+    wall, cpu = per_step("step_seconds"), per_step("step_cpu_seconds")
+    mfu = None
+    if peak:
+        mfu = statistics.median(
+            flops.flops(steps[k]["lengths"]) / (seconds * args.ranks * peak) for k, seconds in wall
         )
+    return {
+        "tokens_per_second": statistics.median(steps[k]["tokens"] / seconds for k, seconds in wall),
+        "tokens_per_cpu_second": statistics.median(steps[k]["tokens"] / seconds for k, seconds in cpu),
+        "peak_memory_gb": max(max(result["peak_memory_gb"]) for result in results),
+        "mfu": mfu,
+        "losses": results[0]["losses"],
+    }
+
+
+def failure_cell(results: list[dict]) -> str:
+    """The table cell of a contender none of whose runs succeeded: its first run's outcome."""
+    first = results[0]
+    return Outcome(first["status"], first.get("detail", "")).cell()
+
+
+def print_table(runs: dict[str, list[dict]], steps: list[dict], args: argparse.Namespace, flops: Any) -> None:
+    """One markdown row per contender, ratios to hf_padded (where it ran); a contender whose runs all failed gets
+    a row that says why ("OOM", "failed: <error line>", "timeout")."""
+    summary = {contender: summarize(results, steps, args, flops) for contender, results in runs.items()}
     base = summary.get("hf_padded")
 
-    def ratio(value: float, index: int) -> str:
-        return f"{value / base[index]:.2f}" if base else "-"
+    def ratio(value: float, key: str) -> str:
+        return f"{value / base[key]:.2f}" if base else "-"
 
     print(
         "| contender | tokens/s | x HF padded | tokens per CPU-s | x HF padded | peak memory / rank GiB | x HF padded "
         f"| MFU | loss step 1 | loss step {args.steps} |"
     )
     print("|---|" + "---:|" * 9)
-    for contender, (rate, cpu_rate, memory, mfu, losses) in summary.items():
-        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    for contender, numbers in summary.items():
+        if numbers is None:
+            print(f"| {NAMES[contender]} | {failure_cell(runs[contender])} |" + " - |" * 8)
+            continue
+        rate, cpu_rate, memory = (
+            numbers[key] for key in ("tokens_per_second", "tokens_per_cpu_second", "peak_memory_gb")
+        )
+        mfu_text = f"{100 * numbers['mfu']:.1f}%" if numbers["mfu"] is not None else "n/a"
+        losses = numbers["losses"]
         first_loss, last_loss = (
             f"{loss:.4f}" if loss is not None else "?" for loss in (losses[0], losses[-1])
         )
         print(
-            f"| {NAMES[contender]} | {rate:,.0f} | {ratio(rate, 0)} | {cpu_rate:,.0f} | {ratio(cpu_rate, 1)} "
-            f"| {memory:.2f} | {ratio(memory, 2)} | {mfu_text} | {first_loss} | {last_loss} |"
+            f"| {NAMES[contender]} | {rate:,.0f} | {ratio(rate, 'tokens_per_second')} | {cpu_rate:,.0f} "
+            f"| {ratio(cpu_rate, 'tokens_per_cpu_second')} | {memory:.2f} | {ratio(memory, 'peak_memory_gb')} "
+            f"| {mfu_text} | {first_loss} | {last_loss} |"
         )
     for contender, results in runs.items():
-        losses = " ".join("?" if loss is None else f"{loss:.4f}" for loss in results[0]["losses"])
-        totals = ", ".join(f"{result['tokens_per_second']:,.0f}" for result in results)
-        print(f"# {contender}: losses per step {losses}; timed tokens / timed seconds per run: {totals}")
+        ok = [result for result in results if result.get("status", "ok") == "ok"]
+        failed = [failure_cell([result]) for result in results if result.get("status", "ok") != "ok"]
+        if ok:
+            losses = " ".join("?" if loss is None else f"{loss:.4f}" for loss in ok[0]["losses"])
+            totals = ", ".join(f"{result['tokens_per_second']:,.0f}" for result in ok)
+            print(f"# {contender}: losses per step {losses}; timed tokens / timed seconds per run: {totals}")
+        if failed:
+            print(f"# {contender}: {len(failed)} of {len(results)} runs failed: {'; '.join(failed)}")
 
 
-def main() -> int:
+def run_contender(
+    contender: str, args: argparse.Namespace, workdir: Path, steps: list[dict], log: Path
+) -> dict[str, Any]:
+    """One run: its measurements with status "ok", or {"status": "oom" | "failed" | "timeout", "detail": ...}."""
+    outcome = launch(contender, args, workdir, log)
+    if outcome.fits:
+        try:
+            return {"status": "ok", **read_run(contender, args, workdir, steps)}
+        except (OSError, ValueError, KeyError, RuntimeError) as error:  # a rank file missing or short
+            outcome = Outcome("failed", str(error).splitlines()[0])
+    return {"status": outcome.status, "detail": outcome.detail}
+
+
+def prepare(args: argparse.Namespace, model: Path, tokenizer: Any, directory: Path, gpu: bool) -> list[dict]:
+    """The ift-dist config, the micro batches of every contender and setup.json of one batch geometry (args'
+    micro_batch_rows, accumulation, steps) in `directory`, which the rank processes read; returns the steps."""
+    from ift_dist.data.render import pad_token_id
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = write_ift_config(args, model, directory)
+    items, steps = the_batches(config_path, args, tokenizer)
+    (directory / "batches.json").write_text(json.dumps(items))
+    (directory / "steps.json").write_text(json.dumps(steps))
+    setup = {
+        "model": str(model),
+        "dtype": "bfloat16" if gpu else "float32",
+        "zero_config": str(REPO / "configs/ds_zero3/zero3.json"),
+        "accumulation_steps": args.accumulation,
+        "micro_batch_rows": args.micro_batch_rows,
+        "steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "fused_adamw": gpu,  # what ift-dist's engine.build_optimizer picks
+        "hf_attention": args.hf_attention,
+        "pad_id": int(pad_token_id(tokenizer)),
+        "seed": args.seed,
+        "ift_overrides": args.ift_override,
+    }
+    (directory / "setup.json").write_text(json.dumps(setup, indent=1))
+    return steps
+
+
+def search_starts(text: str, contenders: list[str]) -> dict[str, int]:
+    """--search-start: one number for every contender, or NAME=N pairs (the others start at 1)."""
+    if "=" not in text:
+        return dict.fromkeys(contenders, int(text))
+    starts = dict.fromkeys(contenders, 1)
+    for pair in text.split(","):
+        name, value = pair.split("=")
+        if name.strip() not in starts:
+            raise SystemExit(f"--search-start names {name.strip()!r}, not one of the contenders {contenders}")
+        starts[name.strip()] = int(value)
+    return starts
+
+
+def search(
+    contenders: list[str], args: argparse.Namespace, workdir: Path, model: Path, tokenizer: Any, gpu: bool,
+    flops: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """--search-micro-batch: each contender's largest micro batch (rows per rank) that fits, by doubling then
+    bisecting (micro_batch_search.largest_fitting), each probe a run of --steps steps; prints one line per probe as
+    it ends and the table at the end, and writes search.json."""
+    geometries: dict[int, list[dict]] = {}  # micro batch -> its steps, prepared once for every contender
+    report: dict[str, Any] = {}
+    starts = search_starts(args.search_start, contenders)
+    deadline = time.perf_counter() + args.search_deadline_s if args.search_deadline_s else None
+
+    class DeadlineReached(Exception):
+        """--search-deadline-s passed: no further probe starts."""
+
+    def probe_in(contender: str) -> Any:
+        def probe(micro_batch: int) -> Outcome:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise DeadlineReached
+            geometry = argparse.Namespace(**{**vars(args), "micro_batch_rows": micro_batch})
+            directory = workdir / f"micro{micro_batch}"
+            if micro_batch not in geometries:
+                geometries[micro_batch] = prepare(geometry, model, tokenizer, directory, gpu)
+            steps = geometries[micro_batch]
+            started = time.perf_counter()
+            result = run_contender(contender, geometry, directory, steps, directory / f"{contender}.log")
+            numbers = summarize([result], steps, geometry, flops)
+            report[contender]["probes"][micro_batch] = {**result, "summary": numbers}
+            shown = f"{numbers['tokens_per_second']:,.0f} tokens/s, {numbers['peak_memory_gb']:.1f} GiB" if numbers \
+                else failure_cell([result])  # fmt: skip
+            print(f"# probe {contender} micro batch {micro_batch}: {shown} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+            (workdir / "search.json").write_text(json.dumps(report, indent=1, default=str))
+            return Outcome(result["status"], result.get("detail", ""))
+
+        return probe
+
+    for contender in contenders:
+        report[contender] = {"probes": {}}
+        try:
+            best, _ = largest_fitting(
+                probe_in(contender), start=min(starts[contender], args.search_max), limit=args.search_max,
+                tolerance=args.search_tolerance,
+            )  # fmt: skip
+        except DeadlineReached:  # the largest that fitted so far: a lower bound
+            fitted = [
+                int(micro) for micro, probe in report[contender]["probes"].items() if probe["status"] == "ok"
+            ]
+            best = max(fitted, default=None)
+            report[contender]["stopped"] = "deadline"
+        report[contender]["largest"] = best
+    (workdir / "search.json").write_text(json.dumps(report, indent=1, default=str))
+    print_search_table(report, args)
+    return report
+
+
+def print_search_table(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """One row per contender: the largest micro batch that fits, its numbers, and the fastest micro batch probed."""
+    print(
+        f"| contender | largest micro batch (rows/rank, x{args.accumulation} accumulation) | tokens/s | "
+        "peak memory / rank GiB | MFU | fastest probe: tokens/s (micro batch) | probes |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for contender, found in report.items():
+        probes = {int(micro): probe for micro, probe in found["probes"].items()}
+        shown = ", ".join(
+            f"{micro} {'ok' if probe['summary'] else failure_cell([probe])}"
+            for micro, probe in sorted(probes.items())
+        )
+        largest = found.get("largest")
+        if found.get("stopped"):
+            stopped = (
+                f"search stopped at --search-deadline-s{', largest is a lower bound' if largest else ''}"
+            )
+            shown = f"{shown}; {stopped}" if shown else stopped
+        if largest is None:
+            print(f"| {NAMES[contender]} | {'not found' if found.get('stopped') else 'none fits'} | - | - | - | - "
+                  f"| {shown or 'not probed'} |")  # fmt: skip
+            continue
+        numbers = probes[largest]["summary"]
+        fastest = max(
+            (micro for micro, probe in probes.items() if probe["summary"]),
+            key=lambda micro: probes[micro]["summary"]["tokens_per_second"],
+        )
+        mfu = f"{100 * numbers['mfu']:.1f}%" if numbers["mfu"] is not None else "n/a"
+        print(
+            f"| {NAMES[contender]} | {largest} | {numbers['tokens_per_second']:,.0f} | "
+            f"{numbers['peak_memory_gb']:.2f} | {mfu} | "
+            f"{probes[fastest]['summary']['tokens_per_second']:,.0f} ({fastest}) | {shown} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args()
+    args = parse_args(argv)
     contenders = [name.strip() for name in args.contenders.split(",") if name.strip()]
     unknown = set(contenders) - set(CONTENDERS)
     if unknown or args.warmup_steps < 1 or args.warmup_steps >= args.steps:
         raise SystemExit(f"contenders from {CONTENDERS}; 1 <= --warmup-steps < --steps ({unknown or ''})")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ift_dist.data.render import load_tokenizer, pad_token_id
+    from ift_dist.data.render import load_tokenizer
     from ift_dist.metrics import flops_model
 
     gpu = on_gpu(args)
@@ -378,42 +597,28 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.tokenizer)
     model = Path(args.model) if args.model else write_model(args, tokenizer, workdir / "model")
-    config_path = write_ift_config(args, model, workdir)
-    items, steps = the_batches(config_path, args, tokenizer)
-    (workdir / "batches.json").write_text(json.dumps(items))
-    (workdir / "steps.json").write_text(json.dumps(steps))
     with torch.device("meta"):
         flops = flops_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)))
-    pad_id = pad_token_id(tokenizer)
-    setup = {
-        "model": str(model),
-        "dtype": "bfloat16" if gpu else "float32",
-        "zero_config": str(REPO / "configs/ds_zero3/zero3.json"),
-        "accumulation_steps": args.accumulation,
-        "steps": args.steps,
-        "learning_rate": args.learning_rate,
-        "fused_adamw": gpu,  # what ift-dist's engine.build_optimizer picks
-        "hf_attention": args.hf_attention,
-        "pad_id": int(pad_id),
-        "seed": args.seed,
-        "ift_overrides": args.ift_override,
-    }
-    (workdir / "setup.json").write_text(json.dumps(setup, indent=1))
-
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    tokens = sum(step["tokens"] for step in steps)
-    padded = sum(step["padded_tokens"] for step in steps)
-    print(
-        f"# training throughput, {args.ranks} ranks, ZeRO-3 (configs/ds_zero3/zero3.json), {setup['dtype']}"
-    )
     import accelerate
     import deepspeed
     import transformers
 
+    dtype = "bfloat16" if gpu else "float32"
+    print(f"# training throughput, {args.ranks} ranks, ZeRO-3 (configs/ds_zero3/zero3.json), {dtype}")
     print(f"# device: {device_name(gpu)}; Python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
           f"deepspeed {deepspeed.__version__}")  # fmt: skip
     print(f"# date {datetime.date.today()}, commit {commit.stdout.strip()}, workdir {workdir}")
+    if args.search_micro_batch:
+        print(f"# model {model} ({flops.matmul_parameters / 1e6:.1f}M matmul parameters, {flops.layers} layers); "
+              f"max_length {args.max_length}; search of the largest micro batch up to {args.search_max} rows per "
+              f"rank, each probe {args.steps} steps ({args.warmup_steps} warm-up, untimed)")  # fmt: skip
+        search(contenders, args, workdir, model, tokenizer, gpu, flops)
+        return 0
+    steps = prepare(args, model, tokenizer, workdir, gpu)
+    tokens = sum(step["tokens"] for step in steps)
+    padded = sum(step["padded_tokens"] for step in steps)
     print(f"# model {model} ({flops.matmul_parameters / 1e6:.1f}M matmul parameters, {flops.layers} layers); "
           f"max_length {args.max_length}; {args.steps} steps ({args.warmup_steps} warm-up, untimed) of "
           f"{args.micro_batch_rows * args.ranks * args.accumulation} packed rows = "
@@ -425,9 +630,10 @@ def main() -> int:
         for contender in contenders:
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            launch(contender, args, workdir, workdir / f"{contender}-{repeat}.log")
-            runs[contender].append(read_run(contender, args, workdir, steps))
-            print(f"# {contender} run {repeat + 1}: {time.perf_counter() - started:.0f} s wall, "
+            result = run_contender(contender, args, workdir, steps, workdir / f"{contender}-{repeat}.log")
+            runs[contender].append(result)
+            ended = "" if result["status"] == "ok" else f" ({failure_cell([result])})"
+            print(f"# {contender} run {repeat + 1}: {time.perf_counter() - started:.0f} s wall{ended}, "
                   f"load average before {load:.2f}", flush=True)  # fmt: skip
     print_table(runs, steps, args, flops)
     (workdir / "result.json").write_text(json.dumps(runs, indent=1))
