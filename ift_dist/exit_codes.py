@@ -3,7 +3,7 @@ them, the launcher and the Slurm batch script decide from them whether to requeu
 outranks them (below); torch-free, so login nodes can import it.
 
     code  name                meaning                                                   Slurm script does
-    0     OK                  training finished (train.max_steps reached)               ends the job: COMPLETED
+    0     OK                  training finished (its last step, or early stopping)      ends the job: COMPLETED
     1     FAILED              an uncaught Python exception or another hard error        never requeues
     2     CONFIG_ERROR        the config did not load or validate (argparse too)        never requeues
     3     TOO_MANY_BAD_STEPS  train.max_bad_steps non-finite steps in a row (NaN/inf)   never requeues
@@ -21,7 +21,7 @@ because DeepSpeed's own per-node launcher kills its ranks on SIGTERM but ignores
 The finished record outranks the exit codes: an exit code is the last thing a process does, and a rank can still
 crash in its teardown after the run has finished and saved (a native thread at interpreter exit: SIGABRT, which
 DeepSpeed's launcher reports as 250). So the launcher names a file in $IFT_FINISHED_RECORD, and rank 0 writes it as
-the very last act of a training that reached train.max_steps with its final checkpoint committed
+the very last act of a training that reached its last step (or stopped early) with its final checkpoint committed
 (`write_finished_record`). A launcher that finds it (`read_finished_record`) knows the run finished, whatever exit
 code follows: the Slurm verdict never requeues it. Without the variable (a plain `deepspeed` command) nothing is
 written. The launcher removes an old record before it starts the training, so a record always belongs to this run.
@@ -85,8 +85,9 @@ def is_requeueable(code: int) -> bool:
 
 
 def write_finished_record(step: int, output_dir: str) -> Path | None:
-    """Rank 0, last: the training reached `step` = train.max_steps and its final checkpoint is committed. Written to
-    $IFT_FINISHED_RECORD (a temporary file, then a rename: a reader sees all of it or nothing); None without it."""
+    """Rank 0, last: the training ended at `step` (its last, or early stopping's) with that checkpoint committed.
+    Written to $IFT_FINISHED_RECORD (a temporary file, then a rename: a reader sees all of it or nothing); None
+    without it."""
     target = os.environ.get(FINISHED_RECORD_VARIABLE)
     if not target:
         return None

@@ -115,28 +115,66 @@ def finite_or_none(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ W&B
 
 
-def start_wandb(config: WandbConfig, output_dir: Path, resolved: dict[str, Any]) -> Any:
+def wandb_init_arguments(
+    config: WandbConfig, output_dir: Path, resolved: dict[str, Any], *, run_id: str | None, start_step: int
+) -> dict[str, Any]:
+    """wandb.init's arguments (settings aside) for a run that starts at start_step, given the stored W&B run id.
+
+    A fresh start (step 0) is a new W&B run. A resume continues the stored run: rewound to start_step
+    (`resume_from`), so that the steps after the checkpoint, which W&B already has from the interrupted attempt, are
+    taken again; W&B drops a step that does not increase, so without the rewind (`resume="allow"`) they were lost.
+    Offline, the rewind is recorded in the run's directory and done by `wandb sync` (docs/training.md)."""
+    arguments = {
+        "project": config.project,
+        "entity": config.entity,
+        "name": config.name or output_dir.resolve().name,
+        "tags": list(config.tags),
+        "mode": config.mode,
+        "dir": str(output_dir),
+        "config": resolved,
+    }
+    if run_id is None or start_step == 0:
+        return arguments  # wandb makes a new id
+    if config.rewind_on_resume:
+        return {**arguments, "id": run_id, "resume_from": f"{run_id}?_step={start_step}"}
+    return {**arguments, "id": run_id, "resume": "allow"}
+
+
+def start_wandb(config: WandbConfig, output_dir: Path, resolved: dict[str, Any], start_step: int = 0) -> Any:
     """A W&B run (or None when disabled) with the resolved config attached. Its id is kept in
-    <output_dir>/wandb_run_id: a run restarted in the same directory continues the same W&B run."""
+    <output_dir>/wandb_run_id: a run resumed in the same directory continues the same W&B run, rewound to the step
+    it resumes from (wandb_init_arguments)."""
     if config.mode == "disabled":
         return None
     import wandb
 
     id_file = RunDir(output_dir).wandb_run_id
     run_id = id_file.read_text().strip() if id_file.is_file() else None
-    run = wandb.init(
-        project=config.project,
-        entity=config.entity,
-        name=config.name or output_dir.resolve().name,
-        tags=list(config.tags),
-        mode=config.mode,
-        dir=str(output_dir),
-        id=run_id,
-        resume="allow",
-        config=resolved,
-        settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True, save_code=False),
-    )
+    arguments = wandb_init_arguments(config, output_dir, resolved, run_id=run_id, start_step=start_step)
+    settings = wandb.Settings(quiet=True, console="off", x_disable_stats=True, save_code=False)
+    try:
+        run = wandb.init(**arguments, settings=settings)
+    except Exception as error:  # a server without rewind (a W&B preview feature) or without this run
+        if "resume_from" not in arguments:
+            raise
+        logger.warning(
+            "W&B could not rewind run %s to step %d (%s): continuing it without the rewind, so W&B drops the steps "
+            "up to the last one it has from the interrupted attempt",
+            run_id, start_step, error,
+        )  # fmt: skip
+        arguments = {key: value for key, value in arguments.items() if key != "resume_from"}
+        run = wandb.init(**arguments, resume="allow", settings=settings)
     id_file.write_text(run.id + "\n")
+    if run_id is not None and run.id != run_id:
+        logger.info(
+            "W&B: training starts at step 0, a new W&B run %s (run %s keeps its history)", run.id, run_id
+        )
+    elif "resume_from" in arguments and config.mode == "offline":
+        logger.info(
+            "W&B offline: run %s rewound to step %d; `wandb sync %s/offline-run-*` replays the rewind (all of the "
+            "run's directories in one command: they are synced oldest first)",
+            run.id, start_step, Path(run.dir).parent.parent,
+        )  # fmt: skip
     logger.info("W&B run %s (%s)", run.id, config.mode)
     return run
 
@@ -176,7 +214,7 @@ class RunLogger:
             mininterval=0.5 if interactive else 30.0,  # a log file gets a line every 30 s, not every step
         )
         if wandb is not None:
-            self.run = start_wandb(wandb, output_dir, resolved_config or {})
+            self.run = start_wandb(wandb, output_dir, resolved_config or {}, start_step)
 
     def _write(self, record: dict[str, Any], path: Path | None = None) -> None:
         """One JSON line into metrics.jsonl (kept open: a line per step), or into `path`."""
@@ -230,7 +268,7 @@ class RunLogger:
             self.run.log({key: value for key, value in record.items() if key != "step"}, step=record["step"])
 
     def samples(self, step: int, when: str, answers: list[tuple[str, str]]) -> None:
-        """Greedy answers to train.sample_prompts, before or after training."""
+        """The answers to the sample prompts (train.sample_prompts and its file), before or after training."""
         if not self.enabled:
             return
         for prompt, answer in answers:

@@ -31,16 +31,22 @@ def parameter_groups(
     return [group for group in groups if group["params"]]
 
 
-def learning_rate(step: int, train: TrainConfig) -> float:
+def learning_rate(step: int, train: TrainConfig, total_steps: int | None = None) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warmup, then cosine/linear decay to
-    min_lr_ratio x peak at max_steps, or constant. A pure function, so a resumed run needs only the step."""
+    min_lr_ratio x peak at the run's last step, or constant. A pure function, so a resumed run needs only the step.
+    total_steps: the run's step count (ift_dist.data.epochs.step_count); None = the one the config fixes
+    (train.max_steps or its default), which a train.num_epochs run does not."""
+    if total_steps is None:
+        total_steps = train.step_limit
+        if total_steps is None:
+            raise ValueError("train.num_epochs: pass the step count derived from the data (total_steps)")
     peak = train.learning_rate
     if step < train.warmup_steps:
         return peak * (step + 1) / train.warmup_steps
     if train.lr_schedule == LrSchedule.constant:
         return peak
     floor = peak * train.min_lr_ratio
-    decay_steps = max(1, train.max_steps - train.warmup_steps)
+    decay_steps = max(1, total_steps - train.warmup_steps)
     progress = min(1.0, (step - train.warmup_steps) / decay_steps)
     if train.lr_schedule == LrSchedule.linear:
         return peak - (peak - floor) * progress

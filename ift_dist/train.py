@@ -4,10 +4,11 @@
     ift train CONFIG.yaml [key=value ...] [--num-gpus N]          (one machine: checks the config, then the line above)
     python -m ift_dist.train CONFIG.yaml [key=value ...]          (one process, no launcher)
 
-Without CUDA it trains on the CPU (DeepSpeed's CPU accelerator, gloo). Exit codes (ift_dist.exit_codes): 0 done,
-1 an error (a failed checkpoint save too), 2 config error, 3 too many non-finite steps in a row, 85 stopped by a
-signal or the deadline after saving a checkpoint: run the same command again to resume. docs/training.md explains
-the batch arithmetic, the loss normalisation and every logged metric; docs/checkpoints.md saving, resuming, export.
+Without CUDA it trains on the CPU (DeepSpeed's CPU accelerator, gloo). Exit codes (ift_dist.exit_codes): 0 done
+(the last step, or train.early_stopping), 1 an error (a failed checkpoint save too), 2 config error, 3 too many
+non-finite steps in a row, 85 stopped by a signal or the deadline after saving a checkpoint: run the same command
+again to resume. docs/training.md explains the batch arithmetic, the loss normalisation, every logged metric, epochs
+and early stopping; docs/checkpoints.md saving, resuming, the best checkpoint, export.
 """
 
 from __future__ import annotations
@@ -30,22 +31,26 @@ from ift_dist.adapter import count_line, parameter_counts
 from ift_dist.attention import packed_forward_kwargs
 from ift_dist.checkpoint import compat, discovery, universal
 from ift_dist.checkpoint.checkpointer import Checkpointer
-from ift_dist.checkpoint.protocol import CheckpointError
+from ift_dist.checkpoint.protocol import CheckpointError, best_checkpoint
 from ift_dist.checkpoint.run_dir import RunDir
 from ift_dist.checkpoint.save_policy import SavePolicy, StopSignals, resolve_deadline
 from ift_dist.checkpoint.state import Progress, rank_components
 from ift_dist.config import Config, ConfigError, load_config, save_config, to_dict
 from ift_dist.data.contracts import PackedBatch, RenderedSample
+from ift_dist.data.epochs import count_epoch_rows, step_count
+from ift_dist.data.holdout import write_test_split
 from ift_dist.data.loader import PackedLoader, build_loader
 from ift_dist.data.quality.stage import scan_training_sources
-from ift_dist.data.render import Renderer, load_tokenizer, pad_token_id
+from ift_dist.data.render import Renderer, load_tokenizer
 from ift_dist.data.views import format_sample
+from ift_dist.early_stopping import EarlyStopping
 from ift_dist.eval.in_training import check_benchmarks, score_benchmarks
+from ift_dist.eval_loss import evaluate, evaluate_and_log
 from ift_dist.loss import CausalLMLoss, deepspeed_backward_loss
 from ift_dist.metrics import RunLogger, flops_model, memory_gb, peak_flops
 from ift_dist.model import load_adapted_model, resolve_dtype
 from ift_dist.optim import learning_rate, parameter_groups, set_learning_rate
-from ift_dist.sample_prompts import answer_prompts
+from ift_dist.sample_prompts import answer_prompts, describe_decoding, read_sample_prompts
 
 logger = logging.getLogger("ift_dist.train")  # not __main__ under -m
 
@@ -118,6 +123,7 @@ def train(cfg: Config) -> int:
 
     renderer = Renderer(tokenizer, cfg.data)
     check_benchmarks(cfg.eval.benchmarks)  # their files are read now, not at the first evaluation
+    sample_set = read_sample_prompts(cfg.train)  # likewise train.sample_prompts_file
     if cfg.data.prepared:
         logger.info("reading the prepared data %s", cfg.data.prepared)
     else:
@@ -142,6 +148,15 @@ def train(cfg: Config) -> int:
         eval_loader = build_loader(
             cfg.data, tokenizer, rows_per_batch=eval_rows, split="eval", scanned=eval_scanned, **shards
         )
+    if rank == 0 and scanned is not None:  # data.test_fraction's records, for evaluation after training
+        write_test_split(cfg.data, scanned, run.test_split)
+    # train.max_steps, or train.num_epochs counted in steps from the packed rows of one epoch (data/epochs.py).
+    count_rows = functools.partial(
+        count_epoch_rows, cfg.data, tokenizer, plan, scanned=scanned, renderer=renderer
+    )
+    steps = step_count(cfg.train, plan, saved=resume.state if resume else None, count_rows=count_rows)
+    max_steps = steps.total
+    logger.info("training for %s", steps.describe())
 
     logger.info(
         "loading the model %s%s (%s), partitioned over %d ranks by ZeRO-3 as it loads",
@@ -169,28 +184,33 @@ def train(cfg: Config) -> int:
     flops, peak = flops_model(model), peak_flops(device, cfg.tracking.peak_tflops)
 
     progress = Progress()  # steps done, tokens seen, ...
+    # The best value of the eval metric so far, for train.early_stopping and checkpoint.keep_best.
+    watching = cfg.train.early_stopping.enabled or cfg.checkpoint.keep_best
+    watch = EarlyStopping(cfg.train.early_stopping) if watching else None
     checkpointer = Checkpointer(
         run,
         cfg,
         shards=engine_lib.EngineShards(engine, frozen_base=peft_model is not None),
         progress=progress,
         components=rank_components(train_loader, cfg.seed),
+        shared={"early_stopping": watch} if watch else {},
+        steps=steps.state_dict(),
     )
     if resume is not None:
         checkpointer.restore(resume)
         if rank == 0:
             run.truncate_metrics(progress.step)
     before = []  # answers to train.sample_prompts before training (a fresh run only)
-    if cfg.train.sample_prompts and progress.step == 0:
+    if sample_set and progress.step == 0:
         logger.info(
-            "generating the answers before training to %d train.sample_prompts (greedy, up to %d new tokens)",
-            len(cfg.train.sample_prompts), cfg.train.sample_max_new_tokens,
+            "generating the answers before training to %d train.sample_prompts (%s)",
+            len(sample_set), describe_decoding(cfg.train),
         )  # fmt: skip
-        before = answer_prompts(model, tokenizer, renderer, cfg, backend, device)
+        before = answer_prompts(model, tokenizer, renderer, cfg, backend, device, sample_set)
     log = RunLogger(  # draws rank 0's progress bar; what is printed from now on goes above it
         run.root,
         enabled=rank == 0,
-        max_steps=cfg.train.max_steps,
+        max_steps=max_steps,
         start_step=progress.step,
         wandb=cfg.tracking.wandb,
         resolved_config=to_dict(cfg),
@@ -205,16 +225,21 @@ def train(cfg: Config) -> int:
                                    device=device, chat_template=renderer.chat_template)  # fmt: skip
     if cfg.eval.benchmarks and cfg.eval.at_start and progress.step == 0:
         log.benchmarks(benchmarks(step=0))
-    policy = SavePolicy(cfg.checkpoint, cfg.train.max_steps, signals, deadline)
+    eval_loss = functools.partial(evaluate, engine, eval_loader, backend, device, tokenizer=tokenizer)
+    evaluations = functools.partial(evaluate_and_log, log=log, eval_loss=eval_loss if eval_loader else None,
+                                    benchmarks=benchmarks if cfg.eval.benchmarks else None)  # fmt: skip
+    policy = SavePolicy(cfg.checkpoint, max_steps, signals, deadline)
 
     # ================================================================================================ loop
     batches = iter(train_loader)
     step = progress.step
     saved_step = progress.step if resume is not None else None  # the step of the newest checkpoint
-    stopped = None  # why the loop stopped early
-    while step < cfg.train.max_steps:
+    stopped = None  # why the loop stopped before the end, to be resumed
+    # Why early stopping ended the run (it is then done; a restart of a stopped run trains no further).
+    finished_early = watch.reason() if watch and watch.should_stop else None
+    while step < max_steps and finished_early is None:
         started = time.perf_counter()
-        lr = learning_rate(step, cfg.train)
+        lr = learning_rate(step, cfg.train, max_steps)
         set_learning_rate(engine.optimizer, lr)
         micro_batches = [next(batches) for _ in range(plan.accumulation_steps)]
         if step == 0 and rank == 0:
@@ -281,16 +306,21 @@ def train(cfg: Config) -> int:
         if failure is not None:
             log.close()  # metrics.jsonl and the W&B run end with the failed step
             raise TooManyBadSteps(failure)
-        every = cfg.train.eval_every
-        if every and step % every == 0 and step < cfg.train.max_steps:  # the last step: below
-            if eval_loader is not None:
-                log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
-            if cfg.eval.benchmarks:
-                log.benchmarks(benchmarks(step=step))
+        every, best = cfg.train.eval_every, False
+        if every and step % every == 0 and step < max_steps:  # the last step: below
+            scores = evaluations(step)
+            best = watch is not None and watch.update(step, scores)  # every rank: the same scores
         decision = policy.decide(step, seconds)  # every rank: the same answer
-        if decision.save:
-            saved = save_checkpoint(checkpointer, train_loader, log, policy, decision.reason)
+        keep_best = best and cfg.checkpoint.keep_best  # each new best is saved, then kept
+        if decision.save or keep_best:
+            reason = decision.reason or f"best {watch.metric} so far"
+            saved = save_checkpoint(checkpointer, train_loader, log, policy, reason)
             saved_step = step if saved else saved_step
+        if keep_best and saved_step == step:
+            checkpointer.mark_best(step)
+        if watch is not None and watch.should_stop:
+            finished_early = watch.reason()
+            break
         if decision.stop:
             stopped = decision.reason
             break
@@ -300,25 +330,24 @@ def train(cfg: Config) -> int:
         log.message(f"stopped after step {step}: {stopped}; run the same command again to resume")
         log.close()
         return exit_codes.REQUEUE
-    if eval_loader is not None:
-        log.eval(evaluate(engine, eval_loader, backend, device, step, tokenizer))
-    if cfg.eval.benchmarks:
-        log.benchmarks(benchmarks(step=step))
-    if cfg.train.sample_prompts:
-        log.samples(step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device))
-    if cfg.train.save_at_end and saved_step != step:
-        saved = save_checkpoint(checkpointer, train_loader, log, policy, "end of training")
+    if finished_early is not None:  # evaluated at this step already
+        best = False
+        log.message(f"stopped after step {step}: {finished_early}")
+    else:
+        best = watch is not None and watch.update(step, evaluations(step))
+    if sample_set:
+        log.samples(
+            step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device, sample_set)
+        )
+    keep_best = best and cfg.checkpoint.keep_best
+    if (cfg.train.save_at_end or keep_best or finished_early) and saved_step != step:
+        reason = "early stopping" if finished_early else "end of training"
+        saved = save_checkpoint(checkpointer, train_loader, log, policy, reason)
         saved_step = step if saved else saved_step
+    if keep_best and saved_step == step:
+        checkpointer.mark_best(step)
     if cfg.export.at_end and rank == 0:
-        if saved_step == step:
-            exported = export_final(cfg, step)
-            log.message(
-                export_lib.exported_message(
-                    exported, adapter=cfg.model.adapter.enabled and not cfg.export.merge
-                )
-            )
-        else:
-            logger.warning("export.at_end: no checkpoint of the final step (train.save_at_end is off)")
+        export_final(cfg, run, step if saved_step == step else None, log)
     log.close()
     # The launcher's proof that the run finished (exit_codes.write_finished_record), whatever its teardown does.
     if rank == 0 and saved_step == step:
@@ -326,16 +355,28 @@ def train(cfg: Config) -> int:
     return exit_codes.OK
 
 
-def export_final(cfg: Config, step: int) -> Path:
-    """The Hugging Face model of the final checkpoint (rank 0; the other ranks are done)."""
-    return export_lib.export_checkpoint(
-        RunDir(cfg.output_dir).step(step),
+def export_final(cfg: Config, run: RunDir, final_step: int | None, log: RunLogger) -> None:
+    """Rank 0 (the other ranks are done): the Hugging Face model of the checkpoint `best` names (checkpoint.keep_best),
+    else of the final step's (final_step: None when it has none)."""
+    checkpoint = best_checkpoint(run.checkpoints) if cfg.checkpoint.keep_best else None
+    if checkpoint is not None:
+        log.message(f"exporting the best checkpoint {checkpoint} (checkpoint.keep_best)")
+    elif final_step is not None:
+        checkpoint = run.step(final_step)
+    else:
+        logger.warning("export.at_end: no checkpoint of the final step (train.save_at_end is off)")
+        return
+    exported = export_lib.export_checkpoint(
+        checkpoint,
         export_lib.export_dir(cfg),
         dtype=cfg.export.dtype,
         max_shard_size=cfg.export.max_shard_size,
         check=False,  # just written
         overwrite=True,
         merge=cfg.export.merge and cfg.model.adapter.enabled,
+    )
+    log.message(
+        export_lib.exported_message(exported, adapter=cfg.model.adapter.enabled and not cfg.export.merge)
     )
 
 
@@ -356,42 +397,6 @@ def save_checkpoint(
     policy.saved(seconds)
     log.message(f"saved {path} ({reason}) in {seconds:.1f} s")
     return path
-
-
-def evaluate(
-    engine: engine_lib.TrainEngine,
-    loader: PackedLoader,
-    backend: str,
-    device: torch.device,
-    step: int,
-    tokenizer: Any,
-) -> dict[str, Any]:
-    """Token-weighted loss over the whole eval split, all ranks: sum of token losses / supervised tokens.
-
-    Under ZeRO-3 every forward gathers parameters from all ranks, so ranks whose split is used up keep running
-    forwards on an idle one-token batch (no supervised token) until every rank is done."""
-    engine.eval()
-    loss_sum, supervised = 0.0, 0
-    batches = iter(loader)
-    with torch.no_grad():
-        while True:
-            batch = next(batches, None)
-            if not dist.any_rank(batch is not None):
-                break
-            if batch is None:
-                batch = PackedBatch.idle(pad_token_id(tokenizer))
-            kwargs = packed_forward_kwargs(batch, backend, device=device)
-            loss_sum += float(engine(labels=batch.labels.to(device), **kwargs))
-            supervised += batch.num_loss_tokens
-    engine.train()
-    total, tokens = dist.all_reduce([loss_sum, supervised])
-    eval_loss = total / max(tokens, 1)
-    return {
-        "step": step,
-        "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 700.0)),
-        "eval_tokens": int(tokens),
-    }
 
 
 # The first training sample is a glance, not a page (`ift data preview` shows whole samples).

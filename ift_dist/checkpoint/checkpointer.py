@@ -1,9 +1,10 @@
 """Saving and restoring one run's checkpoints on every rank: the engine's shards, named per-rank components and the
 train progress, written through the commit protocol (ift_dist/checkpoint/protocol.py).
 
-    save     rank 0 clears step_<N>/ | every rank: shards, <name>_rank_<r>.pt, (rank 0) train_state.json and
-             model_files/, fsync + sizes + SHA-256 | all-gather: all fine? | rank 0: marker, `latest`, retention
-    restore  shards (DeepSpeed's universal version on another world size), each component's state, the counters
+    save       rank 0 clears step_<N>/ | every rank: shards, <name>_rank_<r>.pt, (rank 0) train_state.json and
+               model_files/, fsync + sizes + SHA-256 | all-gather: all fine? | rank 0: marker, `latest`, retention
+    mark_best  rank 0: `best` names a complete checkpoint (checkpoint.keep_best), then retention
+    restore    shards (DeepSpeed's universal version on another world size), each component's state, the counters
 
 The ranks agree after every stage (one all-gather of their errors), so a failure on one rank raises CheckpointError
 on all of them at the same point. The engine comes in as a `Shards` adapter (engine.EngineShards): this package
@@ -30,6 +31,7 @@ from ift_dist.checkpoint.protocol import (
     apply_retention,
     commit,
     describe_files,
+    mark_best,
     remove_checkpoint,
 )
 from ift_dist.checkpoint.run_dir import MODEL_FILES, TRAIN_STATE, UNIVERSAL, RunDir, rank_file
@@ -63,8 +65,9 @@ class Component(Protocol):
 
 class Checkpointer:
     """The checkpoints of one run: what is saved (the engine's shards, the per-rank `components` by name, the
-    `progress`), where (`run`) and how (checkpoint.checksums, keep_last, keep_every). Every rank holds one and calls
-    `save` at the same step boundary; `restore` once, before the first step."""
+    `progress`, the `shared` components, the same on every rank, in train_state.json with the run's `steps`), where
+    (`run`) and how (checkpoint.checksums, keep_last, keep_every, keep_best). Every rank holds one and calls `save`
+    at the same step boundary; `restore` once, before the first step."""
 
     def __init__(
         self,
@@ -74,18 +77,23 @@ class Checkpointer:
         shards: Shards,
         progress: Progress,
         components: dict[str, Component],
+        shared: dict[str, Any] | None = None,
+        steps: dict[str, Any] | None = None,
     ):
         self.run = run
         self.cfg = cfg
         self.shards = shards
         self.progress = progress
         self.components = components
+        self.shared = shared or {}
+        self.steps = steps
 
     def save(self, *, epoch: int) -> Path:
         """Save checkpoints/step_<N> of the current step. Raises CheckpointError on every rank if any rank failed;
         the unfinished directory is then removed, every other checkpoint is left as it was."""
         settings = self.cfg.checkpoint
-        state = train_state(self.progress, self.cfg, epoch=epoch)
+        shared = {name: component.state_dict() for name, component in self.shared.items()}
+        state = train_state(self.progress, self.cfg, epoch=epoch, steps=self.steps, shared=shared)
         # Taken before any collective of the save, so the generators are recorded as the loop left them.
         component_states = {name: component.state_dict() for name, component in self.components.items()}
         rank, step = dist.rank(), self.progress.step
@@ -129,13 +137,34 @@ class Checkpointer:
                 error = f"{type(failure).__name__}: {failure}"
         _raise_if_failed(agree(error), directory)
         if rank == 0:
-            try:
-                apply_retention(
-                    directory.parent, keep_last=settings.keep_last, keep_every=settings.keep_every
-                )
-            except OSError as failure:  # the new checkpoint is complete: a failed deletion does not undo it
-                logger.warning("retention: could not delete an old checkpoint: %s", failure)
+            self._apply_retention()
         return directory
+
+    def mark_best(self, step: int) -> Path | None:
+        """Rank 0 (others return at once): `best` names checkpoints/step_<step>, which must be complete; then the
+        retention, which keeps it. Returns its path, or None (with a warning) when there is no such checkpoint."""
+        if dist.rank() != 0:
+            return None
+        directory = self.run.step(step)
+        try:
+            mark_best(directory)
+        except OSError as failure:
+            logger.warning("checkpoint.keep_best: cannot name %s the best checkpoint: %s", directory, failure)
+            return None
+        self._apply_retention()
+        return directory
+
+    def _apply_retention(self) -> None:
+        settings = self.cfg.checkpoint
+        try:
+            apply_retention(
+                self.run.checkpoints,
+                keep_last=settings.keep_last,
+                keep_every=settings.keep_every,
+                keep_best=settings.keep_best,
+            )
+        except OSError as failure:  # the new checkpoint is complete: a failed deletion does not undo it
+            logger.warning("retention: could not delete an old checkpoint: %s", failure)
 
     def restore(self, found: Resume) -> None:
         """Load the shards (weights, optimizer states), every component and the counters from `found`.
@@ -155,6 +184,9 @@ class Checkpointer:
 
                 component.load_resharded(read, found.world_size, found.step)
         self.progress.load_state_dict(found.state)
+        for name, component in self.shared.items():
+            if name in found.state:  # absent from checkpoints of runs without it
+                component.load_state_dict(found.state[name])
 
 
 def _torch_load(path: Path) -> Any:

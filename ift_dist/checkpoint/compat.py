@@ -8,6 +8,7 @@ from typing import Any
 
 from ift_dist.checkpoint.discovery import Resume
 from ift_dist.config import Config, ConfigError, to_dict
+from ift_dist.config.schema import DEFAULT_MAX_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +21,12 @@ SAFE_TO_CHANGE = (
     "export.",
     "train.eval_every",
     "train.eval_batch_rows",
-    "train.sample_prompts",
+    "train.sample_prompts",  # and train.sample_prompts_file
     "train.sample_max_new_tokens",
+    "train.sampling.",
     "train.max_bad_steps",
+    "train.early_stopping.patience",  # when to stop, not what a step computes
+    "train.early_stopping.min_delta",
     "train.save_at_end",
     "train.micro_batch_rows",  # the global batch stays the same rows; only the accumulation changes
     "train.zero_config",  # ZeRO knobs: sharding, buckets, offload
@@ -44,9 +48,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config with keys its version lacked at their defaults and train.max_steps as the step count it
+    means (0 with no train.num_epochs: the default count, which configs of earlier versions wrote out)."""
+    values = {**flatten(to_dict(Config())), **flat}
+    if not values.get("train.max_steps") and not values.get("train.num_epochs"):
+        values["train.max_steps"] = DEFAULT_MAX_STEPS
+    return values
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(refused, allowed): the dotted keys whose value differs between two resolved configs (to_dict)."""
-    old_flat, new_flat = flatten(old), flatten(new)
+    """(refused, allowed): the dotted keys whose value differs between two resolved configs (to_dict); a key the
+    older config lacks counts as its default (it was added since)."""
+    old_flat, new_flat = _effective(flatten(old)), _effective(flatten(new))
     changed = sorted(
         key for key in old_flat.keys() | new_flat.keys() if old_flat.get(key) != new_flat.get(key)
     )
@@ -62,7 +76,7 @@ def check_config(resume: Resume, cfg: Config) -> None:
         logger.info("resuming with changed settings: %s", ", ".join(allowed))
     if not refused:
         return
-    old_flat, new_flat = flatten(old), flatten(new)
+    old_flat, new_flat = _effective(flatten(old)), _effective(flatten(new))
     listing = "; ".join(f"{key}: {old_flat.get(key)!r} -> {new_flat.get(key)!r}" for key in refused)
     if cfg.checkpoint.force_resume:
         logger.warning(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ift_dist.checkpoint.atomic import fsync_path, sha256_of, write_atomic
-from ift_dist.checkpoint.run_dir import LATEST, MARKER, step_of
+from ift_dist.checkpoint.run_dir import BEST, LATEST, MARKER, step_of
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,28 @@ def commit(directory: Path, files: dict[str, dict[str, Any]], state: dict[str, A
     write_atomic(directory.parent / LATEST, directory.name)
 
 
-def apply_retention(checkpoints: Path, *, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete complete checkpoints beyond the newest `keep_last` (0 = keep all) except multiples of `keep_every`,
-    and unfinished ones older than the newest complete one (left by a crash). Returns what was deleted."""
+def mark_best(directory: Path) -> None:
+    """Rank 0: name a complete checkpoint in `best` beside `latest` (atomically, as `latest`)."""
+    if not is_complete(directory):
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint")
+    write_atomic(directory.parent / BEST, directory.name)
+
+
+def best_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint `best` names, if there is one and it is complete."""
+    try:
+        directory = checkpoints / (checkpoints / BEST).read_text().strip()
+    except OSError:
+        return None
+    return directory if step_of(directory) is not None and is_complete(directory) else None
+
+
+def apply_retention(
+    checkpoints: Path, *, keep_last: int, keep_every: int, keep_best: bool = False
+) -> list[Path]:
+    """Delete complete checkpoints beyond the newest `keep_last` (0 = keep all) except multiples of `keep_every` and,
+    with `keep_best`, the one `best` names; and unfinished ones older than the newest complete one (left by a crash).
+    Returns what was deleted."""
     directories = sorted(
         (p for p in checkpoints.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of
     )
@@ -85,6 +104,8 @@ def apply_retention(checkpoints: Path, *, keep_last: int, keep_every: int) -> li
         return []
     keep = set(complete[-keep_last:] if keep_last else complete)
     keep |= {p for p in complete if keep_every and step_of(p) % keep_every == 0}
+    best = best_checkpoint(checkpoints) if keep_best else None
+    keep |= {best} if best is not None else set()
     newest = step_of(complete[-1])
     doomed = [p for p in complete if p not in keep]
     doomed += [p for p in directories if not is_complete(p) and step_of(p) < newest]

@@ -4,8 +4,10 @@
       config.yaml  metrics.jsonl  samples.jsonl  wandb_run_id  logs/  model_files/  hf_model/
       eval/step_<N>/<benchmark>/  predictions.jsonl  results.json      (eval.benchmarks scored during training)
       quality/  quality.json  removed.jsonl  score_cache.jsonl             (what data.quality removed, and why)
+      test_split/<source>.jsonl                  (data.test_fraction: records held out of training and evaluation)
       checkpoints/
         latest                  "step_<N>", the newest complete checkpoint
+        best                    "step_<N>", the checkpoint of the best eval metric (checkpoint.keep_best)
         step_<N>/               zero_pp_rank_*  <component>_rank_<r>.pt  train_state.json  model_files/  complete.json
           universal/            DeepSpeed's universal version (a resume on another world size)
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+BEST = "best"
 MARKER = "complete.json"
 TRAIN_STATE = "train_state.json"
 MODEL_FILES = "model_files"
@@ -79,6 +82,11 @@ class RunDir:
         return self.root / "quality"
 
     @property
+    def test_split(self) -> Path:
+        """data.test_fraction's records, one <source>.jsonl per training source in the source's row format."""
+        return self.root / "test_split"
+
+    @property
     def samples(self) -> Path:
         """Answers to train.sample_prompts before and after training."""
         return self.root / "samples.jsonl"
@@ -111,6 +119,11 @@ class RunDir:
     def latest(self) -> Path:
         """The file naming the newest complete checkpoint."""
         return self.checkpoints / LATEST
+
+    @property
+    def best(self) -> Path:
+        """The file naming the checkpoint of the best eval metric (checkpoint.keep_best)."""
+        return self.checkpoints / BEST
 
     def eval_results(self, step: int, label: str) -> Path:
         """Where the benchmark `label` (eval.benchmarks) scored after optimizer step `step` writes its results."""

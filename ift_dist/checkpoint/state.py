@@ -68,20 +68,32 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def train_state(progress: Progress, cfg: Config, *, epoch: int) -> dict[str, Any]:
+def train_state(
+    progress: Progress,
+    cfg: Config,
+    *,
+    epoch: int,
+    steps: dict[str, Any] | None = None,
+    shared: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What train_state.json holds: the counters (what a resume loads) and, for people and config checks, the run
-    they belong to. The LR schedule is a pure function of the step (optim.learning_rate), so the step is its whole
-    state; the learning rates are recorded for people reading the file."""
+    they belong to. The LR schedule is a pure function of the step and the run's step count (optim.learning_rate),
+    so those are its whole state; the learning rates are recorded for people reading the file. `steps`: the step
+    count (data.epochs.StepCount.state_dict(), kept so a resumed train.num_epochs run does not count again);
+    `shared`: the states of components that are the same on every rank (early stopping), by name."""
     step = progress.step
+    total = (steps or {}).get("total")
     return {
         "format": FORMAT,
         **progress.state_dict(),
         "epoch": epoch,
         "scheduler": {
             "schedule": cfg.train.lr_schedule,
-            "last_lr": learning_rate(step - 1, cfg.train) if step > 0 else None,
-            "next_lr": learning_rate(step, cfg.train),
+            "last_lr": learning_rate(step - 1, cfg.train, total) if step > 0 else None,
+            "next_lr": learning_rate(step, cfg.train, total),
         },
+        **({"steps": steps} if steps else {}),
+        **(shared or {}),
         "world_size": dist.world_size(),
         "config_sha256": config_hash(cfg),
         "config": to_dict(cfg),

@@ -7,6 +7,7 @@ paths.py    the paths a config names, checked before any rank starts
 eval_schema.py  the eval section (BenchmarkConfig: one multiple-choice benchmark)
 quality_schema.py  data.quality: dedup, decontamination, filters, model score, balance
 adapter_schema.py  model.adapter (LoRA) and model.quantization (QLoRA)
+sampling_schema.py  train.sampling: how the sample prompts' answers are decoded
 """
 
 from ift_dist.config.adapter_schema import ALL_LINEAR, AdapterConfig, AdapterType, QuantizationConfig
@@ -19,6 +20,7 @@ from ift_dist.config.choices import (
     LossMode,
     LrSchedule,
     McScoring,
+    MetricMode,
     OnBadRecord,
     OnSaveError,
     Overlong,
@@ -53,6 +55,7 @@ from ift_dist.config.quality_schema import (
 from ift_dist.config.schema import (
     CheckpointConfig,
     Config,
+    EarlyStoppingConfig,
     ExportConfig,
     ModelConfig,
     TrackingConfig,
@@ -81,12 +84,14 @@ __all__ = [
     "DecontamMethod",
     "DedupConfig",
     "DedupKey",
+    "EarlyStoppingConfig",
     "EvalConfig",
     "ExportConfig",
     "FilterConfig",
     "LossMode",
     "LrSchedule",
     "McScoring",
+    "MetricMode",
     "ModelConfig",
     "ModelScoreConfig",
     "OnBadRecord",

@@ -61,6 +61,15 @@ class LrSchedule(Choice):
     constant = "constant"
 
 
+class MetricMode(Choice):
+    """train.early_stopping.mode: whether a lower or a higher value of the watched metric is better; auto = lower for a
+    loss or perplexity, higher for an accuracy."""
+
+    auto = "auto"
+    min = "min"
+    max = "max"
+
+
 class RecordFormat(Choice):
     """data.sources[].format: how a file's rows are read; auto detects it per file."""
 
@@ -69,6 +78,8 @@ class RecordFormat(Choice):
     sharegpt = "sharegpt"
     openai = "openai"
     firefly = "firefly"
+    # Plain documents ({"text": ...}) trained on every token, never detected: named explicitly (data.md).
+    text = "text"
 
 
 class SourceRole(Choice):
@@ -109,6 +120,14 @@ class Supervise(Choice):
     assistant = "assistant"
     last_assistant = "last_assistant"
     all = "all"
+
+
+class MultiTurnMode(Choice):
+    """data.multi_turn_mode: a multi-turn conversation as one sample, or as one sample per assistant turn."""
+
+    auto = "auto"
+    whole = "whole"
+    per_turn = "per_turn"
 
 
 class ToolFallback(Choice):

@@ -11,6 +11,7 @@ from omegaconf import MISSING
 
 from ift_dist.config.checks import ConfigError, check_choices, check_positive
 from ift_dist.config.choices import (
+    MultiTurnMode,
     OnBadRecord,
     Overlong,
     RecordFormat,
@@ -31,14 +32,17 @@ class SourceConfig:
     path: str = MISSING
     # Name used in reports, the `sources` column of prepared shards and resume state. Default: the file stem.
     name: str | None = None
-    # Record format: auto (detected per file from the first valid record), alpaca, sharegpt, openai, firefly.
+    # Record format: auto (detected per file from the first valid record), alpaca, sharegpt, openai, firefly, or
+    # text: raw documents {"text": ...} trained on every token, cut into max_length chunks, mixed in against
+    # forgetting (docs/data.md, *Raw text against forgetting*). Never detected: a record holding only "text" could
+    # as well be a broken Alpaca record, so text must be named here.
     format: RecordFormat = RecordFormat.auto
     # Mixing ratio as a repeat factor per epoch: each epoch uses weight x valid records (rounded half up) of this
     # source (2.0 = every record twice, 0.5 = a seeded random half, re-drawn each epoch).
     weight: float = 1.0
     # Field-name mapping, our name -> the file's name, for files that use other keys. Our names: instruction,
     # input, output, system, history (alpaca); conversations, from, value, tools (sharegpt); messages, role,
-    # content, tool_calls (openai); conversation, human, assistant (firefly).
+    # content, tool_calls (openai); conversation, human, assistant (firefly); text (text).
     columns: dict[str, str] = field(default_factory=dict)
     # Role-value mapping, the file's role value -> ours (system, user, assistant, tool, function_call),
     # added to the built-in ShareGPT/OpenAI names (human, gpt, observation, ...).
@@ -152,6 +156,10 @@ class DataConfig:
     # Fraction of each training source held out for evaluation (by a seeded hash of source name and record
     # index, so the split is stable across runs and world sizes). Ignored when eval_sources is set.
     eval_fraction: float = 0.0
+    # Fraction of each training source held out from training and from the eval split (the same seeded hash, the
+    # other end of its range), written by rank 0 to <output_dir>/test_split/<source>.jsonl in the source's own row
+    # format for later evaluation (docs/training.md). Not with `prepared` (its shards hold no records).
+    test_fraction: float = 0.0
     # A directory written by `ift data prepare`: training streams its packed Parquet shards instead of `sources`.
     prepared: str | None = None
     # Path of the tokenizer (a local directory or hub id); defaults to the model's.
@@ -180,6 +188,14 @@ class DataConfig:
     # Which tokens carry loss: "assistant" = every assistant turn, "last_assistant" = the final one only,
     # "all" = prompts too. End-of-turn markers of supervised turns are always supervised.
     supervise: Supervise = Supervise.assistant
+    # How a multi-turn conversation becomes samples (supervise "assistant" only; docs/data.md, *Multi-turn modes*):
+    # "whole" = one sample per conversation; a template that renders an earlier turn differently once later turns
+    # follow (Qwen3 strips old <think> blocks) cannot be masked, so such a record is dropped as
+    # template_not_prefix_stable. "per_turn" = one sample per assistant turn k: the messages up to turn k rendered as
+    # the template renders them when turn k is generated, only turn k (reply + end-of-turn marker) supervised; the
+    # history is re-read once per turn. "auto" = whole, and per_turn for each record whole cannot mask (counted as
+    # per_turn_conversations / per_turn_samples in the data report).
+    multi_turn_mode: MultiTurnMode = MultiTurnMode.auto
     # Maximum tokens of one sample and of one packed row.
     max_length: int = 2048
     # A sample whose first exchange alone exceeds max_length: "drop" it or "truncate" it (cut at max_length,
@@ -212,6 +228,16 @@ class DataConfig:
             source.validate(f"{key}.eval_sources[{index}]")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"{key}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 or self.eval_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"{key}.test_fraction: must be in [0, 1) and leave records to train on with {key}.eval_fraction "
+                f"({self.eval_fraction:g} + {self.test_fraction:g} must be < 1)"
+            )
+        if self.test_fraction > 0 and self.prepared:
+            raise ConfigError(
+                f"{key}.test_fraction: not with {key}.prepared (prepared shards hold packed rows, not the records a "
+                "test split is written from); train from data.sources"
+            )
         if self.template == Template.custom and self.custom_template is None:
             raise ConfigError(f"{key}.custom_template: required when {key}.template is 'custom'")
         if self.chat_template is not None and self.template != Template.tokenizer:
@@ -224,5 +250,10 @@ class DataConfig:
             raise ConfigError(f"{key}.max_length: must be >= 8, got {self.max_length}")
         if self.pack_buffer < 1:
             raise ConfigError(f"{key}.pack_buffer: must be >= 1, got {self.pack_buffer}")
+        if self.multi_turn_mode == MultiTurnMode.per_turn and self.supervise != Supervise.assistant:
+            # last_assistant already has one supervised turn per sample; "all" would train the history once per turn.
+            raise ConfigError(
+                f"{key}.multi_turn_mode: per_turn needs {key}.supervise 'assistant', got '{self.supervise}'"
+            )
         check_positive(f"{key}.num_workers", self.num_workers, allow_zero=True)
         self.quality.validate(f"{key}.quality")

@@ -76,5 +76,7 @@ def check_paths(config: Config, config_file: str | Path | None = None) -> None:
             _check_exists(f"data.{name}[{index}].path", source.path, config_file)
     if config.train.zero_config:
         _check_exists("train.zero_config", config.train.zero_config, config_file)
+    if config.train.sample_prompts_file:
+        _check_exists("train.sample_prompts_file", config.train.sample_prompts_file, config_file)
     if config.checkpoint.resume not in ("auto", "never"):
         _check_exists("checkpoint.resume", config.checkpoint.resume, config_file)

@@ -11,9 +11,18 @@ from dataclasses import dataclass, field
 from ift_dist.config.adapter_schema import AdapterConfig, QuantizationConfig
 from ift_dist.config.batch import BatchPlan, batch_plan
 from ift_dist.config.checks import ConfigError, check_choices, check_positive
-from ift_dist.config.choices import AttentionBackend, DType, LossMode, LrSchedule, OnSaveError, WandbMode
+from ift_dist.config.choices import (
+    AttentionBackend,
+    DType,
+    LossMode,
+    LrSchedule,
+    MetricMode,
+    OnSaveError,
+    WandbMode,
+)
 from ift_dist.config.data_schema import DataConfig
-from ift_dist.config.eval_schema import EvalConfig
+from ift_dist.config.eval_schema import EvalConfig, benchmark_label
+from ift_dist.config.sampling_schema import SamplingOptions
 
 # --------------------------------------------------------------------------------------------------- model
 
@@ -57,6 +66,57 @@ class ModelConfig:
 
 # --------------------------------------------------------------------------------------------------- train
 
+# Optimizer steps of a run that sets neither train.max_steps nor train.num_epochs.
+DEFAULT_MAX_STEPS = 1000
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when an eval metric has not improved for `patience` evaluations in a row (ift_dist/early_stopping.py,
+    docs/training.md). Evaluated at every train.eval_every; the stop ends the run like its last step (exit code 0)."""
+
+    # The metric watched: "eval_loss" (or "eval_perplexity"; needs data.eval_sources or data.eval_fraction), or a
+    # key eval.benchmarks write, "eval/<benchmark>/acc" (also acc_macro, acc_norm). checkpoint.keep_best follows it too.
+    metric: str = "eval_loss"
+    # "min" (lower is better), "max", or "auto": min for a loss or perplexity, max for an accuracy.
+    mode: MetricMode = MetricMode.auto
+    # Evaluations in a row without improvement that stop the run; 0 = early stopping off.
+    patience: int = 0
+    # An improvement must beat the best value by more than this (in the metric's units), as HF's
+    # early_stopping_threshold.
+    min_delta: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience > 0
+
+    def resolved_mode(self) -> MetricMode:
+        """min or max: `mode`, or the direction the metric's name implies (ConfigError when it implies none)."""
+        if self.mode != MetricMode.auto:
+            return self.mode
+        name = self.metric.rsplit("/", 1)[-1]
+        if "loss" in name or "perplexity" in name:
+            return MetricMode.min
+        if name.startswith("acc"):
+            return MetricMode.max
+        raise ConfigError(
+            f"train.early_stopping.mode: 'auto' cannot tell whether {self.metric!r} is better low or high; "
+            "set 'min' or 'max'"
+        )
+
+    def validate(self, key: str) -> None:
+        check_choices(self, key)
+        if self.metric not in ("eval_loss", "eval_perplexity") and not re.fullmatch(
+            r"eval/[^/]+/\w+", self.metric
+        ):
+            raise ConfigError(
+                f"{key}.metric: 'eval_loss', 'eval_perplexity' or 'eval/<benchmark>/acc' (a key eval.benchmarks "
+                f"write), got {self.metric!r}"
+            )
+        check_positive(f"{key}.patience", self.patience, allow_zero=True)
+        check_positive(f"{key}.min_delta", self.min_delta, allow_zero=True)
+        self.resolved_mode()
+
 
 @dataclass
 class TrainConfig:
@@ -65,8 +125,13 @@ class TrainConfig:
     Batch arithmetic (docs/training.md): a row is one packed row of at most data.max_length tokens. One optimizer
     step consumes global_batch_rows rows = micro_batch_rows x world size x accumulation steps."""
 
-    # Optimizer steps to run; one step = one global batch. Skipped (non-finite) steps count too.
-    max_steps: int = 1000
+    # Optimizer steps to run; one step = one global batch. Skipped (non-finite) steps count too. 0 = derived from
+    # num_epochs, or 1000 when neither is set. Not together with num_epochs.
+    max_steps: int = 0
+    # Passes over the training data instead of max_steps (fractions allowed, 1.5); 0 = max_steps decides. The step
+    # count is ceil(num_epochs x ceil(packed rows per epoch / global_batch_rows)), as HF Trainer's, counted from the
+    # data before the first step and logged (ift_dist/data/epochs.py, docs/training.md).
+    num_epochs: float = 0.0
     # Packed rows per optimizer step, summed over all ranks. Set this or global_batch_tokens (not both; neither =
     # micro_batch_rows x world size, no accumulation). Must be a multiple of micro_batch_rows x world size; the
     # quotient is the number of gradient accumulation steps.
@@ -108,15 +173,37 @@ class TrainConfig:
     # Save a checkpoint into <output_dir>/checkpoints/step_<N> when training ends (docs/checkpoints.md); the
     # periodic and on-signal saves are set in the `checkpoint` section.
     save_at_end: bool = True
-    # Prompts (user messages) answered greedily before and after training, through the run's chat template; printed
-    # on rank 0 and written to <output_dir>/samples.jsonl.
+    # Prompts (user messages) answered before and after training (decoded as train.sampling says: greedy by
+    # default), through the run's chat template; printed on rank 0 and written to <output_dir>/samples.jsonl.
     sample_prompts: list[str] = field(default_factory=list)
-    # Most new tokens of each sample answer.
+    # More sample prompts from a file, after those above: .txt (one prompt a line) or JSONL/JSON of {"prompt"},
+    # OpenAI {"messages"} or Alpaca {"instruction", "input"?} records, one user turn each (docs/training.md).
+    sample_prompts_file: str | None = None
+    # Most new tokens of each sample answer (train.sampling.max_new_tokens, when set, overrides it).
     sample_max_new_tokens: int = 64
+    # How the sample answers are decoded: temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed.
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # Stop when an eval metric stops improving (off by default).
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    @property
+    def step_limit(self) -> int | None:
+        """The step count the config fixes: max_steps, DEFAULT_MAX_STEPS when neither max_steps nor num_epochs is
+        set, None when num_epochs decides (the data then counts it: ift_dist.data.epochs)."""
+        if self.num_epochs > 0:
+            return None
+        return self.max_steps or DEFAULT_MAX_STEPS
 
     def validate(self, key: str) -> None:
         check_choices(self, key)
-        check_positive(f"{key}.max_steps", self.max_steps)
+        check_positive(f"{key}.max_steps", self.max_steps, allow_zero=True)
+        check_positive(f"{key}.num_epochs", self.num_epochs, allow_zero=True)
+        if self.max_steps and self.num_epochs:
+            raise ConfigError(
+                f"{key}.max_steps and {key}.num_epochs are both set ({self.max_steps} steps, {self.num_epochs:g} "
+                "epochs): set one of them"
+            )
+        self.early_stopping.validate(f"{key}.early_stopping")
         if self.global_batch_rows is not None and self.global_batch_tokens is not None:
             raise ConfigError(f"{key}.global_batch_rows: set it or {key}.global_batch_tokens, not both")
         for name in ("global_batch_rows", "global_batch_tokens", "eval_batch_rows"):
@@ -136,12 +223,13 @@ class TrainConfig:
         check_positive(f"{key}.eval_every", self.eval_every, allow_zero=True)
         check_positive(f"{key}.max_bad_steps", self.max_bad_steps)
         check_positive(f"{key}.sample_max_new_tokens", self.sample_max_new_tokens)
+        self.sampling.validate(f"{key}.sampling")
 
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases tracking (rank 0 only). The run id is kept in <output_dir>/wandb_run_id, so a run restarted
-    in the same output_dir continues the same W&B run."""
+    """Weights & Biases tracking (rank 0 only). The run id is kept in <output_dir>/wandb_run_id, so a run resumed
+    from a checkpoint in the same output_dir continues the same W&B run; a start from step 0 is a new W&B run."""
 
     # "online", "offline" (written under <output_dir>/wandb/, sync later with `wandb sync`) or "disabled".
     mode: WandbMode = WandbMode.disabled
@@ -151,6 +239,10 @@ class WandbConfig:
     # Display name; null = the name of output_dir.
     name: str | None = None
     tags: list[str] = field(default_factory=list)
+    # On a resume from step N, rewind the W&B run to step N (wandb.init resume_from), so that the steps after N it
+    # has from the interrupted attempt are replaced; false = keep them, and W&B drops the repeated steps. A server
+    # without rewind falls back to false with a warning; offline, `wandb sync` does the rewind (docs/training.md).
+    rewind_on_resume: bool = True
 
     def validate(self, key: str) -> None:
         check_choices(self, key)
@@ -186,6 +278,10 @@ class CheckpointConfig:
     keep_last: int = 2
     # Also keep every checkpoint whose step is a multiple of J, whatever keep_last says (0 = none).
     keep_every: int = 0
+    # Keep the checkpoint of the best value of train.early_stopping.metric (eval_loss unless set) whatever keep_last
+    # says, name it in checkpoints/best, and export it at the end instead of the last step. A checkpoint is saved at
+    # every evaluation that improves the best value; needs train.eval_every > 0.
+    keep_best: bool = False
     # "auto": resume from the newest complete checkpoint of <output_dir>/checkpoints, if any (a checkpoint without
     # its completion marker, or with a file missing, truncated or corrupted, is skipped with a warning); "never":
     # start from the pretrained model even if checkpoints exist; or a path: a step_<N> directory, a checkpoints
@@ -270,11 +366,37 @@ class Config:
         self.checkpoint.validate("checkpoint")
         self.export.validate("export")
         self.eval.validate("eval")
+        self._check_watched_metric()
         tokens = self.train.global_batch_tokens
         if tokens is not None and tokens % self.data.max_length:
             raise ConfigError(
                 f"train.global_batch_tokens: {tokens} is not a multiple of data.max_length "
                 f"({self.data.max_length}); one row holds data.max_length tokens"
+            )
+
+    def _check_watched_metric(self) -> None:
+        """train.early_stopping and checkpoint.keep_best need evaluations that produce their metric."""
+        stopping = self.train.early_stopping
+        users = [key for key, on in (("train.early_stopping.patience", stopping.enabled),
+                                     ("checkpoint.keep_best", self.checkpoint.keep_best)) if on]  # fmt: skip
+        if not users:
+            return
+        if not self.train.eval_every:
+            raise ConfigError(
+                f"{users[0]}: needs train.eval_every > 0 (the metric is compared at each evaluation)"
+            )
+        if stopping.metric in ("eval_loss", "eval_perplexity"):
+            if not (self.data.eval_sources or self.data.eval_fraction > 0):
+                raise ConfigError(
+                    f"{users[0]}: train.early_stopping.metric {stopping.metric!r} needs an eval split "
+                    "(data.eval_sources or data.eval_fraction)"
+                )
+            return
+        labels = [benchmark_label(benchmark) for benchmark in self.eval.benchmarks]
+        if stopping.metric.split("/")[1] not in labels:
+            raise ConfigError(
+                f"train.early_stopping.metric: {stopping.metric!r} names no benchmark of eval.benchmarks "
+                f"({', '.join(labels) or 'none configured'})"
             )
 
     @property

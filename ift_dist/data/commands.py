@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ift_dist.config import load_config
-from ift_dist.data.contracts import BadRecordError, DataFileError
+from ift_dist.data.contracts import BadRecordError, DataFileError, TextDocument
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +71,15 @@ def _validate(config, args) -> int:
         f"rendered {samples['rendered']} samples; dropped {samples['dropped']}: "
         + (", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items())) or "none")
     )
+    if samples["per_turn_conversations"]:
+        print(
+            f"per-turn (data.multi_turn_mode): {samples['per_turn_conversations']} conversations gave "
+            f"{samples['per_turn_samples']} samples, one per assistant turn"
+        )
+    if samples["text_documents"]:
+        print(
+            f"raw text: {samples['text_documents']} documents gave {samples['text_chunks']} chunks (samples)"
+        )
     for line in format_drops(report["dropped_samples"], args.max_listed):
         print(line)
     print("FAILED" if failed else "OK")
@@ -226,6 +235,9 @@ def _write_kept(scanned, path: Path) -> None:
         for item in scanned:
             for index in item.scan.valid_indices.tolist():
                 conversation = item.source.get(index)
+                if isinstance(conversation, TextDocument):
+                    # Not a conversation (format text): data.quality does not judge it; it stays in its own files.
+                    continue
                 messages = [
                     {
                         "role": m.role,

@@ -2,6 +2,8 @@
 
     file row (dict) --records--> Conversation --render--> RenderedSample --pack--> PackedRow --loader--> PackedBatch
 
+A `format: text` row takes the same path as a TextDocument, rendered to TextSamples (ift_dist/data/text_source.py).
+
 Labels follow the Hugging Face convention: aligned with input_ids, the model at position t predicts labels[t + 1].
 """
 
@@ -71,6 +73,18 @@ class Conversation:
     category: str | None = None
 
 
+@dataclass
+class TextDocument:
+    """A plain document of a `format: text` source: no roles, no template; every token of it is trained."""
+
+    text: str  # never empty or whitespace-only
+    ref: SampleRef
+
+
+# What a valid record becomes: a conversation, or a plain document of a `format: text` source.
+ValidRecord = Conversation | TextDocument
+
+
 @dataclass(frozen=True)
 class BadRecord:
     """Why one record was rejected, precisely enough to find and fix it."""
@@ -123,6 +137,25 @@ class Dropped:
     ref: SampleRef
     reason: str  # too_long, template_error, template_not_prefix_stable, nothing_supervised, ...
     detail: str = ""
+
+
+@dataclass
+class TurnSamples:
+    """One conversation rendered as one sample per assistant turn (data.multi_turn_mode), in turn order: each sample
+    supervises its own turn only and is packed as an independent sample. `dropped`: the turns that gave none."""
+
+    samples: list[RenderedSample]
+    dropped: list[Dropped] = field(default_factory=list)
+
+
+@dataclass
+class TextSamples:
+    """One TextDocument as tokens, cut into consecutive chunks of at most max_length tokens, in order; each chunk is
+    an independent sample (no attention across chunks, so a chunk's first token is not predicted)."""
+
+    samples: list[RenderedSample]
+    # Tokens of a final one-token chunk: it has no target, so it gives no sample (0 or 1).
+    unsupervised_tail: int = 0
 
 
 @dataclass

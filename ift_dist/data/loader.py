@@ -27,6 +27,8 @@ from ift_dist.data.contracts import (
     PackedBatch,
     PackedRow,
     RenderedSample,
+    TextSamples,
+    TurnSamples,
 )
 from ift_dist.data.pack import StreamingPacker
 from ift_dist.data.plan import (
@@ -36,6 +38,7 @@ from ift_dist.data.plan import (
     RowGroupPlan,
     merge_stream_states,
     split_heldout,
+    split_off_test,
 )
 from ift_dist.data.prepared import PreparedReader
 from ift_dist.data.render import pad_token_id
@@ -45,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 Item = tuple[
     int, int, Any
-]  # (epoch, position, RenderedSample | Dropped | BadRecord | a prepared row's samples)
+]  # (epoch, position, RenderedSample | TurnSamples | Dropped | BadRecord | a prepared row's samples)
 
 
 def collate(rows: Sequence[PackedRow], pad_id: int, width: int | None = None) -> PackedBatch:
@@ -71,7 +74,9 @@ def collate(rows: Sequence[PackedRow], pad_id: int, width: int | None = None) ->
 class RenderDataset(Dataset):
     """Map-style: an item (epoch, position, source id, record index) -> (epoch, position, rendered result)."""
 
-    def __init__(self, sources: Sequence[Any], render: Callable[[Any], RenderedSample | Dropped]):
+    def __init__(
+        self, sources: Sequence[Any], render: Callable[[Any], RenderedSample | TurnSamples | Dropped]
+    ):
         self.sources = list(sources)
         self.render = render
 
@@ -150,8 +155,13 @@ class PackedLoader:
         """Back to the start of the plan, counters cleared."""
         self.stream = RankStream(self.plan.length, self.rank, self.world_size, epochs=self.epochs)
         self.packer = StreamingPacker(self.cfg.max_length, self.cfg.pack_buffer, packing=self.cfg.packing)
-        # Read but gave no sample, by reason. What became samples is counted by the packer as rows leave it.
-        self.counters: dict[str, Counter[str]] = {"dropped": Counter(), "bad_records": Counter()}
+        # Read but gave no sample, by reason; conversations read as per-turn samples. What became samples is
+        # counted by the packer as rows leave it.
+        self.counters: dict[str, Counter[str]] = {
+            "dropped": Counter(),
+            "bad_records": Counter(),
+            "per_turn": Counter(),
+        }
         self._generation += 1
 
     def __iter__(self) -> Iterator[PackedBatch]:
@@ -188,6 +198,22 @@ class PackedLoader:
             self.packer.add_packed(result, (epoch, position))
         elif isinstance(result, RenderedSample):
             self.packer.add(result, (epoch, position))
+        elif isinstance(result, TurnSamples):
+            # Independent samples that share the record's position (data.multi_turn_mode).
+            for sample in result.samples:
+                self.packer.add(sample, (epoch, position))
+            for dropped in result.dropped:
+                self.counters["dropped"][dropped.reason] += 1
+            per_turn = self.counters.setdefault("per_turn", Counter())  # absent from older loader states
+            per_turn.update(conversations=1, samples=len(result.samples))
+            return bool(result.samples)
+        elif isinstance(result, TextSamples):
+            # A raw-text document's max_length chunks (format text), in order, sharing the record's position.
+            for sample in result.samples:
+                self.packer.add(sample, (epoch, position))
+            text = self.counters.setdefault("text", Counter())  # absent from older loader states
+            text.update(documents=1, chunks=len(result.samples))
+            return bool(result.samples)
         elif isinstance(result, Dropped):
             self.counters["dropped"][result.reason] += 1
         elif isinstance(result, BadRecord):
@@ -201,13 +227,17 @@ class PackedLoader:
 
     def report(self) -> dict[str, Any]:
         """This rank's counts (sum them over ranks): rows, tokens, samples, truncated, dropped_turns,
-        samples_with_dropped_turns (of the rows yielded), dropped and bad_records by reason (of the records read);
+        samples_with_dropped_turns (of the rows yielded), dropped and bad_records by reason (of the records read),
+        per_turn (conversations split into one sample per assistant turn, and the samples they gave, as read),
+        text (raw-text documents read and the max_length chunks they gave);
         its packing efficiency and the epoch of its next sample; the build-time scan (the same on every rank)."""
         return {
             **{key: 0 for key in ("rows", "tokens", "samples", "truncated", "dropped_turns")},
             **self.packer.stats,
             "dropped": dict(self.counters["dropped"]),
             "bad_records": dict(self.counters["bad_records"]),
+            "per_turn": {"conversations": 0, "samples": 0, **self.counters.get("per_turn", {})},
+            "text": {"documents": 0, "chunks": 0, **self.counters.get("text", {})},
             "packing_efficiency": self.packer.efficiency,
             "epoch": self.stream.epoch,
             "scan": self.scan_report,
@@ -327,7 +357,10 @@ def build_loader(
     plan_sources = [PlanSource(item.scan.name, item.scan.valid_indices, item.weight) for item in scanned]
     if eval_from_sources:
         plan_sources = [PlanSource(source.name, source.valid_indices, 1.0) for source in plan_sources]
-    elif cfg.eval_fraction > 0:
+    else:
+        # data.test_fraction: out of training and of the eval split (written out by ift_dist.data.holdout).
+        plan_sources = [split_off_test(source, cfg.test_fraction, cfg.seed)[0] for source in plan_sources]
+    if not eval_from_sources and cfg.eval_fraction > 0:
         parts = [split_heldout(source, cfg.eval_fraction, cfg.seed) for source in plan_sources]
         plan_sources = [train if split == "train" else held for train, held in parts]
     plan = EpochPlan(plan_sources, seed=cfg.seed, shuffle=cfg.shuffle and split == "train")

@@ -5,8 +5,10 @@ its valid records plus a seeded random subset (without replacement, re-drawn eve
 so 2.0 = every record twice and 0.5 = a random half. The concatenation is shuffled by (seed, epoch). The plan of an
 epoch is a pair of integer arrays computed on demand: O(records) integers, never the corpus.
 
-Eval split. With eval_fraction > 0 a record is held out iff a hash of (seed, source name, record index) maps below
-the fraction: the same records in every run and at every world size.
+Eval and test splits. A hash of (seed, source name, record index) maps each record to u in [0, 1). With
+eval_fraction > 0 a record is held out for evaluation iff u < eval_fraction; with test_fraction > 0 it is held out
+from both training and evaluation iff u >= 1 - test_fraction: the same records in every run and at every world size,
+the two splits disjoint, and the eval split the same with or without a test split.
 
 Rank streams. Plan positions are (epoch, position). Rank r of a world of W reads positions r, r + W, r + 2W, ... of
 each epoch, continuing into the next epoch without end (ranks never wait for each other at an epoch end) or until a
@@ -38,13 +40,26 @@ def _splitmix64(values: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def heldout_mask(name: str, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """True for the records (by index) that the eval split holds out: hash(seed, name, index) / 2**64 < fraction."""
+def _unit_hash(name: str, indices: np.ndarray, seed: int) -> np.ndarray:
+    """hash(seed, name, index) of each record as a float64 in [0, 1)."""
     digest = hashlib.blake2b(f"{seed & _MASK64}:{name}".encode(), digest_size=8).digest()
     salt = np.uint64(int.from_bytes(digest, "little"))
     hashed = _splitmix64(_splitmix64(np.asarray(indices, dtype=np.uint64) ^ salt))
     # The top 53 bits as a float in [0, 1): exact, so the comparison is the same on every machine.
-    return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def heldout_mask(name: str, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the records (by index) that the eval split holds out: hash(seed, name, index) / 2**64 < fraction."""
+    return _unit_hash(name, indices, seed) < fraction
+
+
+def held_for_test(name: str, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """True for the records (by index) of the test split: the top `fraction` of the same hash, so never a record
+    of the eval split while eval_fraction + fraction < 1."""
+    if fraction <= 0:
+        return np.zeros(len(indices), dtype=bool)
+    return _unit_hash(name, indices, seed) >= 1.0 - fraction
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,13 @@ def split_heldout(source: PlanSource, fraction: float, seed: int) -> tuple[PlanS
     held = heldout_mask(source.name, source.valid_indices, fraction, seed)
     train = PlanSource(source.name, source.valid_indices[~held], source.weight)
     return train, PlanSource(source.name, source.valid_indices[held], 1.0)
+
+
+def split_off_test(source: PlanSource, fraction: float, seed: int) -> tuple[PlanSource, PlanSource]:
+    """(the rest, test part) of a source; the test part has weight 1 (each test record once)."""
+    test = held_for_test(source.name, source.valid_indices, fraction, seed)
+    rest = PlanSource(source.name, source.valid_indices[~test], source.weight)
+    return rest, PlanSource(source.name, source.valid_indices[test], 1.0)
 
 
 def _rng(*words: int) -> np.random.Generator:

@@ -1,10 +1,12 @@
-"""Turns one file record (Alpaca, ShareGPT, OpenAI or Firefly form) into a validated Conversation or a BadRecord.
+"""Turns one file record (Alpaca, ShareGPT, OpenAI, Firefly or text form) into a validated record or a BadRecord.
 
 Formats (our field names; `SourceConfig.columns` maps them to the file's names at every level):
 - alpaca: `instruction`, `input` ("" = none), `output`, `system`?, `history`? [[prompt, answer], ...] of earlier
   exchanges. Self-Instruct records (`instances` [{input, output}] instead of `output`) use their first instance.
 - sharegpt: `conversations` [{from, value}], `system`?.  openai: `messages` [{role, content, tool_calls?, name?}].
 - firefly: `conversation` [{human, assistant}], `system`?.  Any format may carry `tools`; other keys are ignored.
+- text: `text`, a plain document (a TextDocument, not a Conversation); empty or whitespace-only is `empty_text`.
+  Never detected (`detect_format`): a row holding only "text" may as well be a broken Alpaca record.
 
 Rules the formats leave open, decided here:
 - `null` (and a None filled in by an Arrow schema union) is a missing field. `where` compares top-level fields by
@@ -34,10 +36,11 @@ import json
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any
 
 from ift_dist.config import RecordFormat, SourceConfig
-from ift_dist.data.contracts import BadRecord, Conversation, Message, SampleRef
+from ift_dist.data.contracts import BadRecord, Conversation, Message, SampleRef, TextDocument
+from ift_dist.data.rejects import Reject, check_utf8, fail, type_name
 
 # The formats a file's records can be in (data.sources[].format names them, or "auto" to detect one per file).
 FORMATS = tuple(fmt.value for fmt in RecordFormat if fmt is not RecordFormat.auto)
@@ -47,6 +50,7 @@ FILTERED = "filtered"
 
 REASONS = ("invalid_json", "non_utf8", "wrong_type", "missing_field", "unknown_role", "no_assistant")
 REASONS += ("empty_assistant", "empty_prompt", "role_order", "invalid_tools", "invalid_tool_call")
+REASONS += ("empty_text",)  # format text
 
 # The file's role value -> ours. "function_call" is a tool call written as its own turn (ShareGPT / glaive);
 # "function" is OpenAI's legacy role of a function result.
@@ -57,27 +61,6 @@ BUILTIN_ROLES = {
     "system": "system",
     "function_call": "function_call",
 }
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class _Reject(Exception):
-    """Raised inside the adapters to abandon a record; becomes a BadRecord."""
-
-    def __init__(self, reason: str, field: str | None, detail: str):
-        super().__init__(detail)
-        self.reason, self.field, self.detail = reason, field, detail
-
-
-def _fail(reason: str, field: str | None, detail: str) -> NoReturn:
-    raise _Reject(reason, field, detail)
-
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 @dataclass
@@ -108,8 +91,8 @@ class _Context:
 
     def text(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
-            _fail("wrong_type", path, f"expected a string, got {_type_name(value)}")
-        _check_utf8(value, path)
+            fail("wrong_type", path, f"expected a string, got {type_name(value)}")
+        check_utf8(value, path)
         if self.pattern is not None:
             value = self.pattern.sub(lambda match: self.placeholders[match.group(1)], value)
         return value
@@ -120,13 +103,8 @@ class _Context:
         """A text field's value (None when missing and not required) and its path."""
         value, path = self.field(container, ours, prefix)
         if value is None and required:
-            _fail("missing_field", path, f"'{self.key(ours)}' is missing")
+            fail("missing_field", path, f"'{self.key(ours)}' is missing")
         return (None if value is None else self.text(value, path)), path
-
-
-def _check_utf8(text: str, path: str) -> None:
-    if not text.isascii() and (match := _SURROGATE.search(text)):
-        _fail("non_utf8", path, f"text is not valid UTF-8 (a lone surrogate at character {match.start()})")
 
 
 @dataclass
@@ -144,7 +122,8 @@ class _Turn:
 
 
 def detect_format(record: Any, columns: dict[str, str] | None = None) -> str | None:
-    """The format a record is in, judged by its keys (after the column mapping); None if no format fits."""
+    """The format a record is in, judged by its keys (after the column mapping); None if no format fits. Never
+    "text": a `text` key alone does not tell a document from an Alpaca record missing its fields."""
     if not isinstance(record, dict):
         return None
     columns = columns or {}
@@ -155,30 +134,33 @@ def detect_format(record: Any, columns: dict[str, str] | None = None) -> str | N
 
 def to_conversation(
     record: Any, *, fmt: str, source: SourceConfig, ref: SampleRef, file: str, location: str
-) -> Conversation | BadRecord:
-    """One record -> Conversation, or a BadRecord saying why not (reason FILTERED when `where` leaves it out)."""
+) -> Conversation | TextDocument | BadRecord:
+    """One record -> Conversation (TextDocument for fmt "text"), or a BadRecord saying why not (reason FILTERED
+    when `where` leaves it out)."""
     return convert_record(record, fmt=fmt, source=source, ref=ref, file=file, location=location)[0]
 
 
 def convert_record(
     record: Any, *, fmt: str, source: SourceConfig, ref: SampleRef, file: str, location: str
-) -> tuple[Conversation | BadRecord, int]:
+) -> tuple[Conversation | TextDocument | BadRecord, int]:
     """Like `to_conversation`, also returning how many trailing non-assistant messages were trimmed."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown record format {fmt!r}; expected one of {', '.join(FORMATS)}")
     try:
         if not isinstance(record, dict):
-            _fail("wrong_type", None, f"a record must be a JSON object, got {_type_name(record)}")
+            fail("wrong_type", None, f"a record must be a JSON object, got {type_name(record)}")
         for key, wanted in source.where.items():
             if record.get(key) != wanted:
-                raise _Reject(FILTERED, key, f"{key} is {record.get(key)!r}, where wants {wanted!r}")
+                raise Reject(FILTERED, key, f"{key} is {record.get(key)!r}, where wants {wanted!r}")
         context = _Context.of(source)
+        if fmt == "text":
+            return _text_document(record, context, ref), 0
         turns, system, list_path = _ADAPTERS[fmt](record, context)
         tools_value, tools_path = context.field(record, "tools")
         tools = _normalise_tools(tools_value, tools_path)
         source_system = source.system and context.text(source.system, "system")
         messages, trimmed = _finish(turns, system, source_system, list_path)
-    except _Reject as reject:
+    except Reject as reject:
         return BadRecord(reject.reason, file, location, reject.field, reject.detail), 0
     category = record.get("category")
     category = category if isinstance(category, str) and category.strip() else None
@@ -188,17 +170,24 @@ def convert_record(
 # --------------------------------------------------------------------------------------------- adapters
 
 
+def _text_document(record: dict, context: _Context, ref: SampleRef) -> TextDocument:
+    text, path = context.text_field(record, "text")
+    if not text.strip():
+        fail("empty_text", path, "the document is empty" if not text else "the document is only whitespace")
+    return TextDocument(text=text, ref=ref)
+
+
 def _alpaca(record: dict, context: _Context) -> tuple[list[_Turn], str | None, str]:
     system, _ = context.text_field(record, "system", required=False)
     turns: list[_Turn] = []
     history, history_path = context.field(record, "history")
     if history is not None:
         if not isinstance(history, list):
-            _fail("wrong_type", history_path, f"expected [[prompt, answer], ...], got {_type_name(history)}")
+            fail("wrong_type", history_path, f"expected [[prompt, answer], ...], got {type_name(history)}")
         for index, pair in enumerate(history):
             path = f"{history_path}[{index}]"
             if not isinstance(pair, list | tuple) or len(pair) != 2:
-                _fail("wrong_type", path, "expected a [prompt, answer] pair")
+                fail("wrong_type", path, "expected a [prompt, answer] pair")
             prompt, answer = context.text(pair[0], f"{path}[0]"), context.text(pair[1], f"{path}[1]")
             turns.append(_Turn("user", prompt, f"{path}[0]", f"{path}[0]", "history"))
             turns.append(_Turn("assistant", answer, f"{path}[1]", f"{path}[1]", "history"))
@@ -208,7 +197,7 @@ def _alpaca(record: dict, context: _Context) -> tuple[list[_Turn], str | None, s
     instances, instances_path = context.field(record, "instances")
     if output_value is None and instances is not None:  # Self-Instruct: the first instance
         if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
-            _fail("wrong_type", instances_path, "expected a non-empty array of {input, output} objects")
+            fail("wrong_type", instances_path, "expected a non-empty array of {input, output} objects")
         holder, prefix = instances[0], f"{instances_path}[0]"
     given_input, _ = context.text_field(holder, "input", prefix, required=False)
     output, output_path = context.text_field(holder, "output", prefix)
@@ -230,7 +219,7 @@ def _firefly(record: dict, context: _Context) -> tuple[list[_Turn], str | None, 
     for index, item in enumerate(items):
         path = f"{list_path}[{index}]"
         if not isinstance(item, dict):
-            _fail("wrong_type", path, f"expected an object with human and assistant, got {_type_name(item)}")
+            fail("wrong_type", path, f"expected an object with human and assistant, got {type_name(item)}")
         human, human_path = context.text_field(item, "human", path)
         reply, reply_path = context.text_field(item, "assistant", path)
         turns.append(_Turn("user", human, human_path, human_path, context.key("human")))
@@ -241,9 +230,9 @@ def _firefly(record: dict, context: _Context) -> tuple[list[_Turn], str | None, 
 def _required_list(record: dict, context: _Context, ours: str) -> tuple[list, str]:
     items, path = context.field(record, ours)
     if items is None:
-        _fail("missing_field", path, f"'{path}' is missing")
+        fail("missing_field", path, f"'{path}' is missing")
     if not isinstance(items, list):
-        _fail("wrong_type", path, f"expected an array of messages, got {_type_name(items)}")
+        fail("wrong_type", path, f"expected an array of messages, got {type_name(items)}")
     return items, path
 
 
@@ -258,12 +247,12 @@ def _chat(
     for index, item in enumerate(items):
         path = f"{list_path}[{index}]"
         if not isinstance(item, dict):
-            _fail("wrong_type", path, f"expected a message object, got {_type_name(item)}")
+            fail("wrong_type", path, f"expected a message object, got {type_name(item)}")
         raw_role, role_path = context.text_field(item, role_name, path)
         role = context.roles.get(raw_role)
         if role is None:
             known = ", ".join(sorted(context.roles))
-            _fail("unknown_role", role_path, f"unknown role {raw_role!r} (known: {known}; add it to roles:)")
+            fail("unknown_role", role_path, f"unknown role {raw_role!r} (known: {known}; add it to roles:)")
         content_value, content_path = context.field(item, content_name, path)
         if role == "function_call":
             calls = _function_call_turn(content_value, content_path)
@@ -277,10 +266,10 @@ def _chat(
         tool_calls = None
         if calls_value is not None:
             if role != "assistant":
-                _fail("invalid_tool_call", calls_path, f"a {raw_role!r} message cannot make tool calls")
+                fail("invalid_tool_call", calls_path, f"a {raw_role!r} message cannot make tool calls")
             tool_calls = _normalise_tool_calls(calls_value, calls_path)
         if content_value is None and not tool_calls:
-            _fail("missing_field", content_path, f"'{context.key(content_name)}' is missing")
+            fail("missing_field", content_path, f"'{context.key(content_name)}' is missing")
         content = "" if content_value is None else _content(context, content_value, content_path)
         name = None
         if role == "tool":
@@ -301,8 +290,8 @@ def _content(context: _Context, value: Any, path: str) -> str:
             elif isinstance(part, dict) and part.get("type", "text") == "text" and "text" in part:
                 texts.append(context.text(part["text"], f"{part_path}.text"))
             else:
-                kind = part.get("type") if isinstance(part, dict) else _type_name(part)
-                _fail("wrong_type", part_path, f"content part {kind!r} is not text")
+                kind = part.get("type") if isinstance(part, dict) else type_name(part)
+                fail("wrong_type", part_path, f"content part {kind!r} is not text")
         return "".join(texts)
     return context.text(value, path)
 
@@ -313,20 +302,20 @@ def _content(context: _Context, value: Any, path: str) -> str:
 def _parse_json(value: Any, path: str, reason: str) -> Any:
     if not isinstance(value, str):
         return value
-    _check_utf8(value, path)
+    check_utf8(value, path)
     try:
         return json.loads(value)
     except json.JSONDecodeError as error:
-        _fail(reason, path, f"not valid JSON: {error.msg} at column {error.colno}")
+        fail(reason, path, f"not valid JSON: {error.msg} at column {error.colno}")
 
 
 def _function_call_turn(value: Any, path: str) -> list[dict[str, Any]]:
     if value is None:
-        _fail("missing_field", path, "a function_call turn needs a value")
+        fail("missing_field", path, "a function_call turn needs a value")
     parsed = _parse_json(value, path, "invalid_tool_call")
     calls = parsed if isinstance(parsed, list) else [parsed]
     if not calls:
-        _fail("invalid_tool_call", path, "an empty list of tool calls")
+        fail("invalid_tool_call", path, "an empty list of tool calls")
     return [
         _tool_call(call, path if len(calls) == 1 else f"{path}[{index}]") for index, call in enumerate(calls)
     ]
@@ -334,27 +323,25 @@ def _function_call_turn(value: Any, path: str) -> list[dict[str, Any]]:
 
 def _normalise_tool_calls(value: Any, path: str) -> list[dict[str, Any]] | None:
     if not isinstance(value, list):
-        _fail("invalid_tool_call", path, f"expected an array of tool calls, got {_type_name(value)}")
+        fail("invalid_tool_call", path, f"expected an array of tool calls, got {type_name(value)}")
     return [_tool_call(call, f"{path}[{index}]") for index, call in enumerate(value)] or None
 
 
 def _tool_call(value: Any, path: str) -> dict[str, Any]:
     """{"name", "arguments"} or {"type": "function", "function": {...}, "id"?} -> OpenAI form, arguments a dict."""
     if not isinstance(value, dict):
-        _fail("invalid_tool_call", path, f"expected a tool call object, got {_type_name(value)}")
+        fail("invalid_tool_call", path, f"expected a tool call object, got {type_name(value)}")
     function = value.get("function", value)
     if not isinstance(function, dict) or value.get("type", "function") != "function":
-        _fail("invalid_tool_call", path, "expected {'type': 'function', 'function': {name, arguments}}")
+        fail("invalid_tool_call", path, "expected {'type': 'function', 'function': {name, arguments}}")
     name = function.get("name")
     if not isinstance(name, str) or not name.strip():
-        _fail("invalid_tool_call", f"{path}.name", "a tool call needs a function name")
-    _check_utf8(name, f"{path}.name")
+        fail("invalid_tool_call", f"{path}.name", "a tool call needs a function name")
+    check_utf8(name, f"{path}.name")
     arguments = _parse_json(function.get("arguments", {}), f"{path}.arguments", "invalid_tool_call")
     if not isinstance(arguments, dict):
-        _fail(
-            "invalid_tool_call", f"{path}.arguments", f"expected a JSON object, got {_type_name(arguments)}"
-        )
-    _check_utf8(json.dumps(arguments, ensure_ascii=False), f"{path}.arguments")
+        fail("invalid_tool_call", f"{path}.arguments", f"expected a JSON object, got {type_name(arguments)}")
+    check_utf8(json.dumps(arguments, ensure_ascii=False), f"{path}.arguments")
     call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if isinstance(value.get("id"), str):
         call["id"] = value["id"]
@@ -369,25 +356,25 @@ def _normalise_tools(value: Any, path: str) -> list[dict[str, Any]] | None:
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list):
-        _fail("invalid_tools", path, f"expected an array of tools, got {_type_name(tools)}")
+        fail("invalid_tools", path, f"expected an array of tools, got {type_name(tools)}")
     normalised = []
     for index, tool in enumerate(tools):
         tool_path = f"{path}[{index}]"
         if not isinstance(tool, dict):
-            _fail("invalid_tools", tool_path, f"expected a tool object, got {_type_name(tool)}")
+            fail("invalid_tools", tool_path, f"expected a tool object, got {type_name(tool)}")
         function = tool
         if "function" in tool:
             function, tool_path = tool["function"], f"{tool_path}.function"
             if tool.get("type", "function") != "function" or not isinstance(function, dict):
-                _fail("invalid_tools", tool_path, "expected {'type': 'function', 'function': {...}}")
+                fail("invalid_tools", tool_path, "expected {'type': 'function', 'function': {...}}")
         name = function.get("name")
         if not isinstance(name, str) or not name.strip():
-            _fail("invalid_tools", f"{tool_path}.name", "a tool needs a name")
+            fail("invalid_tools", f"{tool_path}.name", "a tool needs a name")
         if not isinstance(function.get("parameters", {}), dict):
-            _fail("invalid_tools", f"{tool_path}.parameters", "parameters must be a JSON schema object")
+            fail("invalid_tools", f"{tool_path}.parameters", "parameters must be a JSON schema object")
         if not isinstance(function.get("description", ""), str):
-            _fail("invalid_tools", f"{tool_path}.description", "description must be a string")
-        _check_utf8(json.dumps(function, ensure_ascii=False), tool_path)
+            fail("invalid_tools", f"{tool_path}.description", "description must be a string")
+        check_utf8(json.dumps(function, ensure_ascii=False), tool_path)
         normalised.append({"type": "function", "function": dict(function)})
     return normalised or None
 
@@ -407,25 +394,25 @@ def _finish(
             turns = [_Turn("system", system, "system", "system", "system"), *turns]
     last_reply = max((index for index, turn in enumerate(turns) if turn.role == "assistant"), default=None)
     if last_reply is None:
-        _fail("no_assistant", list_path, "the record has no assistant reply")
+        fail("no_assistant", list_path, "the record has no assistant reply")
     trimmed = len(turns) - last_reply - 1
     turns = turns[: last_reply + 1]
     previous: _Turn | None = None
     for index, turn in enumerate(turns):
         said = f"{turn.raw_role!r}" + (f" ({turn.role})" if turn.raw_role != turn.role else "")
         if turn.role == "system" and index > 0:
-            _fail("role_order", turn.role_path, f"a system message is allowed first only, found {said} later")
+            fail("role_order", turn.role_path, f"a system message is allowed first only, found {said} later")
         elif previous is None or previous.role == "system":
             if turn.role != "user" and turn.role != "system":
-                _fail("role_order", turn.role_path, f"the first message must come from the user, not {said}")
+                fail("role_order", turn.role_path, f"the first message must come from the user, not {said}")
         elif turn.role == "assistant" and previous.role not in ("user", "tool"):
-            _fail("role_order", turn.role_path, f"an assistant reply after a {previous.role} message")
+            fail("role_order", turn.role_path, f"an assistant reply after a {previous.role} message")
         elif turn.role == "tool" and not (previous.role == "tool" or previous.tool_calls):
-            _fail("role_order", turn.role_path, "a tool result without a tool call before it")
+            fail("role_order", turn.role_path, "a tool result without a tool call before it")
         elif turn.role == "user" and previous.role == "user":
-            _fail("role_order", turn.role_path, "two user messages in a row")
+            fail("role_order", turn.role_path, "two user messages in a row")
         if turn.role == "assistant" and not turn.tool_calls and not turn.content.strip():
-            _fail("empty_assistant", turn.content_path, "the assistant reply is empty")
+            fail("empty_assistant", turn.content_path, "the assistant reply is empty")
         previous = turn
     users = [turn for turn in turns if turn.role == "user"]  # one at least: the order rules held
     if not any(user.content.strip() for user in users):
@@ -433,7 +420,7 @@ def _finish(
             f"all {len(users)} user messages are empty" if len(users) > 1 else "the user message is empty"
         )
         detail = "the instruction and the input are empty" if users[0].alpaca and len(users) == 1 else detail
-        _fail("empty_prompt", users[0].content_path, detail)
+        fail("empty_prompt", users[0].content_path, detail)
     messages = [
         Message(t.role, t.content, tool_calls=t.tool_calls, name=t.name, alpaca=t.alpaca) for t in turns
     ]

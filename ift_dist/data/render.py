@@ -6,7 +6,8 @@ exactly what the model sees at inference. Assistant spans are found by prefix di
 generation prompt and the rendering of messages[:i + 1]. It is supervised up to and including its end-of-turn marker
 (the special token(s) that close it, e.g. <|im_end|>); what the template emits after the marker is not. Labels are
 mapped onto tokens by character offsets. A template that renders an earlier turn differently once later turns
-follow cannot be masked this way: such a sample is dropped ("template_not_prefix_stable"), never mis-masked.
+follow cannot be masked this way: such a sample is dropped ("template_not_prefix_stable"), never mis-masked, or
+rendered as one sample per assistant turn (data.multi_turn_mode, ift_dist/data/per_turn.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ift_dist.config import DataConfig
-from ift_dist.data import tool_text
-from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, RenderedSample
+from ift_dist.config.choices import MultiTurnMode
+from ift_dist.data import per_turn, text_source, tool_text
+from ift_dist.data.contracts import (
+    IGNORE_INDEX,
+    Conversation,
+    Dropped,
+    RenderedSample,
+    TextDocument,
+    TextSamples,
+    TurnSamples,
+)
 from ift_dist.data.templates import end_of_turn_marker, resolve_chat_template, template_spec
 
 log = logging.getLogger(__name__)
@@ -72,8 +82,9 @@ class Renderer:
 
     Holds counters in `stats` (per process): samples, dropped:<reason>, straddling_tokens (tokens that cross a
     supervised span's boundary; supervised whole), turns_without_end_marker, dropped_turns, truncated,
-    system_not_rendered, reply_not_rendered_verbatim, unprompted_replies. Picklable (the tokenizer pickles), so
-    it can go to DataLoader workers."""
+    per_turn_conversations and per_turn_samples (data.multi_turn_mode),
+    system_not_rendered, reply_not_rendered_verbatim, unprompted_replies, text_documents and text_chunks (format
+    text). Picklable (the tokenizer pickles), so it can go to DataLoader workers."""
 
     def __init__(self, tokenizer: Any, cfg: DataConfig):
         if not getattr(tokenizer, "is_fast", False):
@@ -82,8 +93,12 @@ class Renderer:
             )
         self.tokenizer = tokenizer
         self.cfg = cfg
-        # The template the exported tokenizer must carry (tokenizer.chat_template = renderer.chat_template).
-        self.chat_template = resolve_chat_template(tokenizer, cfg)
+        # The template the exported tokenizer must carry (tokenizer.chat_template = renderer.chat_template). None when
+        # every source is raw text: nothing is rendered with it, so a base model's tokenizer without one is fine.
+        text_only = text_source.only_text(cfg)
+        self.chat_template = None if text_only else resolve_chat_template(tokenizer, cfg)
+        if text_source.has_text(cfg):
+            text_source.end_of_document_id(tokenizer)  # a tokenizer without EOS fails here, not in a worker
         spec = template_spec(cfg)
         self._alpaca_fields = spec is not None and spec.user_with_input is not None
         markers = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
@@ -102,31 +117,85 @@ class Renderer:
         self._markers = sorted((marker for marker in markers if marker), key=len, reverse=True)
         self.stats: Counter[str] = Counter()
         # What the template renders of tool calls, tool schemas and system messages (data.tool_fallback).
-        self._abilities = tool_text.probe(self._apply)
+        self._abilities = None if text_only else tool_text.probe(self._apply)
+        # data.multi_turn_mode: per-turn samples come from a renderer that supervises the last turn only. It shares
+        # these counters, so what it finds in the samples it renders (straddling tokens, ...) is counted here.
+        self._turn_renderer: Renderer | None = None
+        if per_turn.applies(cfg):
+            self._turn_renderer = Renderer(tokenizer, per_turn.turn_config(cfg))
+            self._turn_renderer.stats = self.stats
 
     # ----------------------------------------------------------------------------------------- public
 
-    def render(self, conversation: Conversation) -> RenderedSample | Dropped:
-        """Token ids and labels of one conversation; Dropped when it cannot become a correct sample."""
-        try:
-            result = self._render(conversation)
-        except _TemplateFailure as error:
-            result = Dropped(conversation.ref, "template_error", str(error))
-        if isinstance(result, Dropped):
-            self.stats[f"dropped:{result.reason}"] += 1
+    def render(
+        self, conversation: Conversation | TextDocument
+    ) -> RenderedSample | TurnSamples | TextSamples | Dropped:
+        """Token ids and labels of one conversation, or of each of its assistant turns (data.multi_turn_mode);
+        Dropped when it cannot become a correct sample. A TextDocument (format text) becomes its chunks, without
+        the template (ift_dist/data/text_source.py)."""
+        if isinstance(conversation, TextDocument):
+            chunks = text_source.render_document(conversation, self.tokenizer, self.cfg.max_length)
+            self.stats.update(samples=len(chunks.samples), text_documents=1, text_chunks=len(chunks.samples))
+            return chunks
+        if self._turn_renderer is not None and self.cfg.multi_turn_mode == MultiTurnMode.per_turn:
+            result = self._render_turns(conversation, None)
         else:
+            counted = self.stats.copy()
+            result = self._attempt(conversation)
+            if (
+                self._turn_renderer is not None
+                and isinstance(result, Dropped)
+                and result.reason == "template_not_prefix_stable"
+            ):
+                # auto: the template rewrites history. What the whole attempt counted is not what is trained.
+                self.stats.clear()
+                self.stats.update(counted)
+                result = self._render_turns(conversation, result)
+        if isinstance(result, TurnSamples):
+            samples, dropped = result.samples, result.dropped
+            self.stats["per_turn_conversations"] += 1
+            self.stats["per_turn_samples"] += len(samples)
+        else:
+            samples, dropped = ([], [result]) if isinstance(result, Dropped) else ([result], [])
+        for drop in dropped:
+            self.stats[f"dropped:{drop.reason}"] += 1
+        for sample in samples:
             self.stats["samples"] += 1
-            self.stats["dropped_turns"] += result.dropped_turns
-            self.stats["truncated"] += int(result.truncated)
+            self.stats["dropped_turns"] += sample.dropped_turns
+            self.stats["truncated"] += int(sample.truncated)
         return result
 
     def generation_prompt(self, user_message: str) -> str:
         """The text a model trained on these samples is prompted with for one user message: the run's chat template
         (with data.system_prompt's rule) and variables, ending in the generation prompt, as training renders the
-        prompt of a reply."""
+        prompt of a reply. Text-only data (no chat template) trains plain continuation: the message itself."""
+        if self.chat_template is None:
+            return user_message
         return self._apply([{"role": "user", "content": user_message}], None, add_generation_prompt=True)
 
     # ----------------------------------------------------------------------------------------- steps
+
+    def _attempt(self, conversation: Conversation) -> RenderedSample | Dropped:
+        try:
+            return self._render(conversation)
+        except _TemplateFailure as error:
+            return Dropped(conversation.ref, "template_error", str(error))
+
+    def _render_turns(self, conversation: Conversation, whole: Dropped | None) -> TurnSamples | Dropped:
+        """One sample per assistant turn; when no turn gives one, the whole conversation's drop (auto) or the first
+        turn's (per_turn)."""
+        turns = per_turn.render_turns(conversation, self._turn_renderer._attempt)
+        if turns.samples:
+            if whole is not None and not self.stats["per_turn_conversations"]:
+                log.warning(
+                    "the chat template renders earlier turns differently once later turns follow (%s): such "
+                    "conversations become one sample per assistant turn (data.multi_turn_mode auto); counted in "
+                    "the data report as per_turn_conversations",
+                    whole.detail[:160],
+                )
+            return turns
+        first = turns.dropped[0] if turns.dropped else None
+        return whole or first or Dropped(conversation.ref, "nothing_supervised", "no assistant turn")
 
     def _render(self, conversation: Conversation) -> RenderedSample | Dropped:
         messages = [self._message_dict(message) for message in conversation.messages]
@@ -351,72 +420,3 @@ class Renderer:
                 "%s (data.template %r); counted in Renderer.stats[%r]", message, self.cfg.template, key
             )
         self.stats[key] += 1
-
-
-# --------------------------------------------------------------------------------------------- the proof
-
-
-def supervised_turns(sample: RenderedSample, tokenizer: Any) -> list[tuple[str, str]]:
-    """Each maximal run of supervised tokens, decoded as (reply, end-of-turn marker): the marker is the run's
-    trailing special tokens (with whitespace between them), "" when the run ends in none."""
-    special = set(tokenizer.all_special_ids)
-    special.update(index for index, token in tokenizer.added_tokens_decoder.items() if token.special)
-    runs: list[list[int]] = []
-    previous = False
-    for token, label in zip(sample.input_ids, sample.labels, strict=True):
-        if label != IGNORE_INDEX:
-            if not previous:
-                runs.append([])
-            runs[-1].append(token)
-        previous = label != IGNORE_INDEX
-
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-    turns = []
-    for run in runs:
-        split = len(run)
-        while split > 0 and (run[split - 1] in special or not decode(run[split - 1 : split]).strip()):
-            split -= 1
-        while (
-            split < len(run) and run[split] not in special
-        ):  # whitespace before the marker stays in the reply
-            split += 1
-        turns.append((decode(run[:split]), decode(run[split:])))
-    return turns
-
-
-def round_trip_errors(
-    sample: RenderedSample, conversation: Conversation, tokenizer: Any, supervise: str
-) -> list[str]:
-    """The proof that labels are right: the supervised tokens decode to exactly the content of each kept assistant
-    turn (whitespace at its ends aside, which templates trim) followed by an end-of-turn marker; a tool-call turn
-    must show its content and every called tool's name. Returns what does not match (empty = proven)."""
-    messages = list(conversation.messages)
-    while messages and messages[-1].role != "assistant":
-        messages.pop()
-    messages = messages[: len(messages) - sample.dropped_turns]
-    expected = [message for message in messages if message.role == "assistant"]
-    if supervise == "last_assistant":
-        expected = expected[-1:]
-    turns = supervised_turns(sample, tokenizer)
-    if len(turns) != len(expected):
-        return [f"{sample.ref}: {len(turns)} supervised runs for {len(expected)} assistant turns"]
-    errors = []
-    for number, ((reply, marker), message) in enumerate(zip(turns, expected, strict=True)):
-        where = f"{sample.ref} assistant turn {number}"
-        last = number == len(expected) - 1
-        if sample.truncated and last:
-            if not message.content.strip().startswith(reply.strip()):
-                errors.append(f"{where}: truncated reply {reply[:60]!r} is not a prefix of the content")
-            continue
-        if message.tool_calls:
-            names = [(call.get("function") or call).get("name", "") for call in message.tool_calls]
-            missing = [name for name in names if name not in reply]
-            if missing or message.content.strip() not in reply:
-                errors.append(f"{where}: tool-call reply {reply[:80]!r} lacks {missing or 'the content'}")
-        elif reply.strip() != message.content.strip():
-            errors.append(f"{where}: supervised {reply[:80]!r} != content {message.content[:80]!r}")
-        if not marker:
-            errors.append(f"{where}: no end-of-turn marker supervised after {reply[-40:]!r}")
-    return errors

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ift_dist.config import Config, ConfigError
-from ift_dist.data.contracts import IGNORE_INDEX, Dropped, PackedBatch, PackedRow
+from ift_dist.data.contracts import IGNORE_INDEX, Dropped, PackedBatch, PackedRow, TextDocument, TurnSamples
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def _turn_stats(scanned: Sequence[Any]) -> dict[str, Any]:
     for item in scanned:
         for index in item.scan.valid_indices.tolist():
             conversation = item.source.get(index)
+            if isinstance(conversation, TextDocument):  # format text: a document has no turns
+                continue
             messages[len(conversation.messages)] += 1
             assistant_turns += sum(message.role == "assistant" for message in conversation.messages)
             conversations += 1
@@ -89,14 +91,18 @@ class _DropList:
 
     def __init__(self, read: Callable[[Any], Iterator[Any]]):
         self.read = read
-        self.drops: dict[tuple[Any, str], tuple[Dropped, int]] = {}
+        self.drops: dict[tuple[Any, str, str], tuple[Dropped, int]] = {}
 
     def __call__(self, positions: Any) -> Iterator[Any]:
         for item in self.read(positions):
             result = item[2]
-            if isinstance(result, Dropped):
-                key = (result.ref, result.reason)
-                first, times = self.drops.get(key, (result, 0))
+            # A per-turn conversation may drop some of its turns (data.multi_turn_mode): one entry per turn.
+            drops = [result] if isinstance(result, Dropped) else []
+            if isinstance(result, TurnSamples):
+                drops = result.dropped
+            for drop in drops:
+                key = (drop.ref, drop.reason, drop.detail)
+                first, times = self.drops.get(key, (drop, 0))
                 self.drops[key] = (first, times + 1)
             yield item
 
@@ -148,11 +154,15 @@ def analyze(
     loader.read = drop_list  # the loader counts drops by reason; the report also names each dropped record
     lengths: list[int] = []
     total_tokens = supervised_tokens = 0
+    # Per source: tokens and supervised tokens of its samples as packed (a text source supervises nearly all).
+    source_tokens: dict[str, Counter[str]] = {}
     for batch in loader:
         for row in batch_rows(batch):
             start = 0
-            for length in row.seq_lens:
+            for length, ref in zip(row.seq_lens, row.refs, strict=True):
                 lengths.append(length)
+                supervised = sum(label != IGNORE_INDEX for label in row.labels[start : start + length])
+                source_tokens.setdefault(ref.source, Counter()).update(tokens=length, supervised=supervised)
                 start += length
             total_tokens += len(row)
             supervised_tokens += sum(label != IGNORE_INDEX for label in row.labels)
@@ -177,6 +187,8 @@ def analyze(
                 "trimmed_trailing_turns": scan.trimmed_trailing_turns,
                 "weight": item.weight,
                 "planned": planned.get(scan.name, 0),
+                "tokens": source_tokens.get(scan.name, Counter())["tokens"],
+                "supervised_tokens": source_tokens.get(scan.name, Counter())["supervised"],
             }
         )
     bad_by_reason: Counter[str] = Counter()
@@ -196,6 +208,12 @@ def analyze(
             "truncated": counts["truncated"],
             "dropped_turns": counts["dropped_turns"],
             "with_dropped_turns": counts.get("samples_with_dropped_turns", 0),
+            # data.multi_turn_mode: conversations rendered as one sample per assistant turn, and those samples.
+            "per_turn_conversations": counts["per_turn"]["conversations"],
+            "per_turn_samples": counts["per_turn"]["samples"],
+            # format text: documents read and the max_length chunks (samples) they became.
+            "text_documents": counts["text"]["documents"],
+            "text_chunks": counts["text"]["chunks"],
         },
         # Every dropped sample: ref ("source:index"), source, index, where (file and record), reason, detail, and
         # times (how often one epoch draws the record: its weight).

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ift_dist.config import RecordFormat, SourceConfig, relative_path_note
-from ift_dist.data.contracts import BadRecord, Conversation, DataFileError, SampleRef
+from ift_dist.data.contracts import BadRecord, DataFileError, SampleRef, ValidRecord
 from ift_dist.data.records import FILTERED, FORMATS, convert_record, detect_format
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class SourceScan:
 
     name: str
     num_records: int
-    valid_indices: np.ndarray  # int64, ascending: records that became a Conversation
+    valid_indices: np.ndarray  # int64, ascending: records that became a Conversation (or TextDocument)
     bad: list[BadRecord] = field(default_factory=list)
     bad_counts: dict[str, int] = field(default_factory=dict)  # reason -> records
     filtered: int = 0  # records left out by `where` (not bad)
@@ -352,15 +352,19 @@ class RecordSource:
             str(f.path): fmt for f, fmt in zip(self._files, self._formats, strict=True) if fmt is not None
         }
 
-    def get(self, index: int) -> Conversation | BadRecord:
-        """Record `index` (across files, bad records included) as a Conversation, or why it is not one."""
+    def get(self, index: int) -> ValidRecord | BadRecord:
+        """Record `index` (across files, bad records included) as a valid record, or why it is not one."""
         if not 0 <= index < len(self):
             raise IndexError(f"{self.name}: record {index} out of range (0..{len(self) - 1})")
         number = int(np.searchsorted(self._starts, index, side="right")) - 1
         local = index - int(self._starts[number])
         return self._convert(number, local, index, self._files[number].read(local))[0]
 
-    def _convert(self, number: int, local: int, index: int, raw: Any) -> tuple[Conversation | BadRecord, int]:
+    def raw(self, index: int) -> Any:  # the row as its file holds it (not converted), or a BadRecord
+        number = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._files[number].read(index - int(self._starts[number]))
+
+    def _convert(self, number: int, local: int, index: int, raw: Any) -> tuple[ValidRecord | BadRecord, int]:
         if isinstance(raw, BadRecord):
             return raw, 0
         file = self._files[number]
@@ -373,11 +377,11 @@ class RecordSource:
             location=file.location(local),
         )
 
-    def __iter__(self) -> Iterator[Conversation | BadRecord]:
+    def __iter__(self) -> Iterator[ValidRecord | BadRecord]:
         for result, _ in self._iter_converted():
             yield result
 
-    def _iter_converted(self) -> Iterator[tuple[Conversation | BadRecord, int]]:
+    def _iter_converted(self) -> Iterator[tuple[ValidRecord | BadRecord, int]]:
         index = 0
         for number, file in enumerate(self._files):
             for local, raw in enumerate(file.iter_records()):
@@ -388,7 +392,7 @@ class RecordSource:
         """One streaming pass over every record: which are valid, which are bad and why."""
         valid, bad, filtered, trimmed = [], [], 0, 0
         for index, (result, trimmed_here) in enumerate(self._iter_converted()):
-            if isinstance(result, Conversation):
+            if isinstance(result, ValidRecord):
                 valid.append(index)
                 trimmed += trimmed_here
             elif result.reason == FILTERED:

@@ -171,7 +171,8 @@ def format_drops(drops: Sequence[dict[str, Any]], max_listed: int) -> list[str]:
 
 # A record, a sample and a row are counted separately; the report says which is which.
 TERMS = (
-    "A record is one line or item of a source file; a sample is one rendered conversation, after weighting "
+    "A record is one line or item of a source file; a sample is one rendered conversation (or one assistant turn "
+    "of it, data.multi_turn_mode, or one data.max_length chunk of a text document), after weighting "
     "(repeats) and drops; a row is one packed sequence of up to data.max_length tokens."
 )
 
@@ -218,10 +219,23 @@ def format_report(report: dict[str, Any]) -> str:
                     s["filtered"],
                     s["weight"],
                     s["planned"],
+                    s.get("tokens", "-"),
+                    s.get("supervised_tokens", "-"),
                 ]
                 for s in sources
             ],
-            ["name", "format", "records", "valid", "bad", "filtered", "weight", "per epoch"],
+            [
+                "name",
+                "format",
+                "records",
+                "valid",
+                "bad",
+                "filtered",
+                "weight",
+                "per epoch",
+                "tokens",
+                "supervised",
+            ],
         )
     )
     bad = report["bad_records_by_reason"]
@@ -239,15 +253,22 @@ def format_report(report: dict[str, Any]) -> str:
         f"{samples['truncated']} truncated, {samples['dropped_turns']} trailing turns dropped in "
         f"{samples['with_dropped_turns']} samples"
     )
+    if samples.get("per_turn_conversations"):
+        out.append(
+            f"Per-turn samples (data.multi_turn_mode): {samples['per_turn_conversations']} conversations became "
+            f"{samples['per_turn_samples']} samples, one per assistant turn"
+        )
+    if samples.get("text_documents"):
+        out.append(
+            f"Raw text (format text): {samples['text_documents']} documents became {samples['text_chunks']} "
+            "samples of at most data.max_length tokens, every token supervised"
+        )
     out.extend(format_drops(report.get("dropped_samples", []), max_listed=3))
     turns = report["turns"]
-    out.append(
-        "Turns (messages per conversation): "
-        + ", ".join(
-            f"{k}: {v}" for k, v in sorted(turns["messages_histogram"].items(), key=lambda kv: int(kv[0]))
-        )
-    )
-    out.append(f"Assistant turns per conversation: mean {turns['assistant_turns_mean']:.2f}")
+    if turns["messages_histogram"]:  # none when every source is raw text
+        histogram = sorted(turns["messages_histogram"].items(), key=lambda kv: int(kv[0]))
+        out.append("Turns (messages per conversation): " + ", ".join(f"{k}: {v}" for k, v in histogram))
+        out.append(f"Assistant turns per conversation: mean {turns['assistant_turns_mean']:.2f}")
     lengths = report["lengths"]
     out.append(
         "Token lengths: "

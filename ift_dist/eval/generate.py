@@ -12,7 +12,7 @@ Turns: turn k of a batch is one generate call over the rows that have a turn k, 
 answers to turns 1..k-1 (MT-bench's second question follows its own first answer).
 
 Sampling (temperature > 0) must not depend on which rows share a batch or a rank. transformers' sampling draws
-from the global RNG for the whole batch, so it would. Instead generate runs greedy and _SeededSampler turns the argmax
+from the global RNG for the whole batch, so it would. Instead generate runs greedy and SeededSampler turns the argmax
 into a sample: per row it applies temperature, top-k, top-p and adds Gumbel noise drawn from the row's own generator,
 seeded by (seed, prompt id, sample, turn); argmax(log p + Gumbel) is a draw from p (the Gumbel-max trick). A row's
 noise at step t is then the same whatever batch it is in; greedy rows (temperature 0) get no noise. Same device
@@ -243,8 +243,8 @@ def _answer_turn(
     temperatures = [a.sampling["temperature"] for a in answers]
     sampler = None
     if any(t >= GREEDY_BELOW for t in temperatures):
-        seeds = [_row_seed(sampling.seed, a.prompt, a.sample, turn) for a in answers]
-        sampler = LogitsProcessorList([_SeededSampler(temperatures, seeds, sampling.top_k, sampling.top_p)])
+        seeds = [row_seed(sampling.seed, a.prompt, a.sample, turn) for a in answers]
+        sampler = LogitsProcessorList([SeededSampler(temperatures, seeds, sampling.top_k, sampling.top_p)])
     # Every decoding setting explicit: the model's generation_config fills only what is left unset.
     config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens, do_sample=False, num_beams=1,
@@ -278,13 +278,13 @@ def _idle_generate(model: Any, pad_id: int, device: torch.device) -> None:
         )
 
 
-def _row_seed(seed: int, prompt: EvalPrompt, sample: int, turn: int) -> int:
+def row_seed(seed: int, prompt: EvalPrompt, sample: int, turn: int) -> int:
     """A 63-bit seed from (seed, set, id, sample, turn), stable across processes (unlike hash())."""
     key = f"{seed}\0{prompt.set}\0{prompt.id}\0{sample}\0{turn}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
 
-class _SeededSampler:
+class SeededSampler:
     """A logits processor for greedy generate that makes each sampled row's argmax a draw from its warped
     distribution: temperature, top-k, top-p (transformers' own warpers, one row at a time), then Gumbel noise from
     the row's generator. Rows with temperature 0 pass through untouched (greedy)."""

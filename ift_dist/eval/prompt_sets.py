@@ -16,8 +16,9 @@ AlpacaEval writes the same Self-Instruct prompts.
 
 A user file is JSONL (or a JSON array) of OpenAI records {"messages": [{"role", "content"}...]} (a leading system
 message becomes the system prompt, the user turns are asked, the assistant replies, if any, are the reference: one
-after every user turn, or none) or Alpaca records {"instruction", "input"?, "output"?, "system"?}. Its id is the
-record's "id" when it has one, else its 0-based index; its category the record's "category" or None.
+after every user turn, or none), Alpaca records {"instruction", "input"?, "output"?, "system"?} or plain prompts
+{"prompt", "system"?}; or a .txt file, one prompt a line (blank lines skipped). Its id is the record's "id" when it
+has one, else its 0-based index; its category the record's "category" or None.
 
 Policy on bad input: a prompt set is curated, so a bad record raises PromptSetError naming the file, the line (a
 JSON array: the record number) and the field; nothing is skipped, as a skipped prompt would change a score.
@@ -103,9 +104,16 @@ def load_prompt_set(name_or_path: str, *, data_dir: str = "", limit: int = 0) ->
 
 
 def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, record) of a JSONL file (location `file:line`) or of a JSON array (`file: record N`)."""
+    """(location, record) of a JSONL file (location `file:line`), of a JSON array (`file: record N`) or of a .txt
+    file ({"prompt": line} per non-empty line)."""
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".txt":
+        located = [
+            (f"{path}:{number}", {"prompt": line.strip()})
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
+    elif path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
@@ -233,7 +241,7 @@ def _ifeval(row: _Row, label: str, index: int) -> EvalPrompt:
 
 
 def _user_record(row: _Row, label: str, index: int) -> EvalPrompt:
-    """An OpenAI messages record or an Alpaca record of a user's file."""
+    """An OpenAI messages record, an Alpaca record or a plain prompt of a user's file."""
     prompt_id = row.identifier("id") if "id" in row.record else str(index)
     category = row.text("category", required=False)
     if "messages" in row.record:
@@ -244,7 +252,11 @@ def _user_record(row: _Row, label: str, index: int) -> EvalPrompt:
         output = row.text("output", required=False, empty=True)
         reference = [output] if output and output.strip() else None
         return EvalPrompt(prompt_id, label, category, [turn], row.text("system", required=False), reference)
-    raise row.error("messages", "missing (a record needs messages (OpenAI) or instruction (Alpaca))")
+    if "prompt" in row.record:
+        return EvalPrompt(
+            prompt_id, label, category, [row.text("prompt")], row.text("system", required=False)
+        )
+    raise row.error("messages", "missing (a record needs messages (OpenAI), instruction (Alpaca) or prompt)")
 
 
 def _conversation(row: _Row) -> tuple[str | None, list[str], list[str]]:

@@ -151,8 +151,9 @@ def test_validate_passes_on_clean_data(config_file: Path):
 
 @pytest.fixture
 def reasoning_template_config(tmp_path: Path) -> Path:
-    """Qwen3's template on multi-turn data: it drops the empty think block of earlier replies, so the 333
-    multi-turn conversations of FastChat's dummy data cannot be masked by prefixes."""
+    """Qwen3's template on multi-turn data, one sample per conversation (data.multi_turn_mode whole): it drops the
+    empty think block of earlier replies, so the 333 multi-turn conversations of FastChat's dummy data cannot be
+    masked by prefixes."""
     templates = json.loads((SHARED / "tokenizers" / "chat_templates.json").read_text())["templates"]
     path = tmp_path / "qwen3.yaml"
     path.write_text(
@@ -160,6 +161,7 @@ def reasoning_template_config(tmp_path: Path) -> Path:
 data:
   tokenizer: {SHARED / "tokenizers" / "qwen2.5-instruct"}
   max_length: 512
+  multi_turn_mode: whole
   chat_template: {json.dumps(templates["Qwen-Qwen3-0.6B"]["template"])}
   sources:
     - path: {SHARED / "data/fastchat/dummy_conversation.json"}
@@ -194,6 +196,35 @@ def test_validate_json_lists_every_dropped_sample(reasoning_template_config: Pat
     assert {drop["reason"] for drop in drops} == {"template_not_prefix_stable"}
     assert all("first differing token" in drop["detail"] for drop in drops)
     assert report["sources"] == [{"name": "fastchat", "records": 500, "valid": 500, "bad": []}]
+
+
+def test_validate_in_auto_mode_trains_rewritten_conversations_per_turn(
+    reasoning_template_config: Path, tmp_path
+):
+    """The same data in data.multi_turn_mode auto (the default): the 333 conversations Qwen3's template rewrites
+    become one sample per assistant turn, counted, and none is left unmasked."""
+    auto = tmp_path / "auto.yaml"
+    auto.write_text(
+        reasoning_template_config.read_text().replace("multi_turn_mode: whole", "multi_turn_mode: auto")
+    )
+    result = ift("data", "validate", str(auto), "--json")
+    report = json.loads(result.stdout)
+    samples = report["samples"]
+    assert samples["per_turn_conversations"] == 333
+    assert set(samples["dropped_by_reason"]) <= {"too_long"}
+    turns = [
+        sum(turn["from"] == "gpt" for turn in record["conversations"])
+        for record in json.loads((SHARED / "data/fastchat/dummy_conversation.json").read_text())
+    ]
+    # Every turn of a rewritten conversation is a sample, or a turn too long with its history (reported).
+    assert samples["per_turn_samples"] + samples["dropped"] == sum(n for n in turns if n > 1)
+    assert samples["rendered"] == samples["per_turn_samples"] + sum(n == 1 for n in turns)
+    assert result.returncode == 0 and report["ok"] is True
+    text = ift("data", "validate", str(auto)).stdout
+    assert (
+        f"per-turn (data.multi_turn_mode): 333 conversations gave {samples['per_turn_samples']} samples"
+        in text
+    )
 
 
 def test_on_bad_record_error_stops_before_anything_is_read(tmp_path: Path):

@@ -115,7 +115,7 @@ def two_exchanges(index: int) -> Conversation:
 
 def test_a_prefix_stability_drop_names_the_first_differing_token(shared_dir):
     qwen = load_tokenizer(str(shared_dir / "tokenizers" / "qwen2.5-instruct"))
-    renderer = Renderer(qwen, DataConfig(chat_template=REWRITING_TEMPLATE))
+    renderer = Renderer(qwen, DataConfig(chat_template=REWRITING_TEMPLATE, multi_turn_mode="whole"))
     result = renderer.render(two_exchanges(3))
     assert isinstance(result, Dropped) and result.reason == "template_not_prefix_stable"
     assert result.ref == SampleRef("chats", 3)
@@ -148,6 +148,7 @@ def test_analyze_names_every_dropped_record(tmp_path, shared_dir):
         data=DataConfig(
             tokenizer=str(shared_dir / "tokenizers" / "qwen2.5-instruct"),
             chat_template=REWRITING_TEMPLATE,
+            multi_turn_mode="whole",
             sources=[SourceConfig(path=str(data), name="chats", weight=2.0)],
         )
     )
@@ -227,7 +228,8 @@ def test_the_report_says_what_records_samples_and_rows_are():
     text = format_report(report)
     assert TERMS in text
     assert "a record is one line or item of a source file" in TERMS.lower()
-    assert "sample is one rendered conversation, after weighting (repeats) and drops" in TERMS
+    assert "sample is one rendered conversation (or one assistant turn of it, data.multi_turn_mode" in TERMS
+    assert "after weighting (repeats) and drops" in TERMS
     assert "row is one packed sequence" in TERMS
 
 

@@ -99,8 +99,8 @@ def test_wandb_offline_run_is_resumed_with_its_stored_id(tmp_path):
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert first.id == run_id
     assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
-    second = start_wandb(config, tmp_path, {"train": {"learning_rate": 1e-5}})
-    assert second.id == run_id  # a restarted run continues the same W&B run
+    second = start_wandb(config, tmp_path, {"train": {"learning_rate": 1e-5}}, start_step=1)
+    assert second.id == run_id  # a resumed run continues the same W&B run
     second.finish()
     assert start_wandb(WandbConfig(mode="disabled"), tmp_path, {}) is None
 

@@ -473,6 +473,7 @@ OTHER_BAD = [
         "role_order",
         "messages[1].role",
     ),
+    ({"text": " \n"}, "text", "empty_text", "text"),
 ]
 
 

@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from ift_dist.config import ConfigError, DataConfig, SourceConfig
 from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
-from ift_dist.data.render import Renderer, load_tokenizer, round_trip_errors, supervised_turns
+from ift_dist.data.render import Renderer, load_tokenizer
+from ift_dist.data.round_trip import round_trip_errors, supervised_turns
 from ift_dist.data.sources import open_source
 from ift_dist.data.tool_text import TOOL_RESULT_HEADER, TOOLS_HEADER
 
@@ -393,7 +394,9 @@ def test_template_that_rewrites_earlier_turns_is_detected(tokenizers):
         "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    renderer = Renderer(tokenizers("qwen2.5-instruct"), DataConfig(chat_template=template))
+    renderer = Renderer(
+        tokenizers("qwen2.5-instruct"), DataConfig(chat_template=template, multi_turn_mode="whole")
+    )
     result = renderer.render(chat(2, False))
     assert isinstance(result, Dropped) and result.reason == "template_not_prefix_stable"
     assert result.detail.startswith("message 1:")

@@ -19,7 +19,8 @@ from ift_dist import export as export_lib
 from ift_dist import sample_prompts
 from ift_dist.config import Config, DataConfig, SourceConfig, load_config
 from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
-from ift_dist.data.render import Renderer, load_tokenizer, round_trip_errors
+from ift_dist.data.render import Renderer, load_tokenizer
+from ift_dist.data.round_trip import round_trip_errors
 from ift_dist.data.sources import open_source
 from ift_dist.data.templates import with_system_prompt
 

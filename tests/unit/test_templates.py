@@ -19,7 +19,8 @@ from ift_dist.data.builtin_templates import (
     YAYI_SYSTEM,
 )
 from ift_dist.data.contracts import IGNORE_INDEX, Conversation, Dropped, Message, RenderedSample, SampleRef
-from ift_dist.data.render import Renderer, round_trip_errors, supervised_turns
+from ift_dist.data.render import Renderer
+from ift_dist.data.round_trip import round_trip_errors, supervised_turns
 from ift_dist.data.templates import (
     BUILTIN_TEMPLATES,
     compile_template,
@@ -728,7 +729,9 @@ def test_real_template_masks_or_reports(tokenizers, real_templates, name):
     tokenizer = tokenizer_for(tokenizers, name)
     kwargs = settings.get("kwargs", {})
     template = real_templates[name]["template"]
-    renderer = Renderer(tokenizer, DataConfig(chat_template=template, chat_template_kwargs=kwargs))
+    # The outcomes of one sample per conversation; per-turn samples: tests/unit/test_per_turn.py.
+    config = DataConfig(chat_template=template, chat_template_kwargs=kwargs, multi_turn_mode="whole")
+    renderer = Renderer(tokenizer, config)
     for kind, chat in KIND_CHATS.items():
         result = renderer.render(chat)
         if outcomes[kind] != "ok":
