@@ -333,8 +333,9 @@ def train(cfg: Config) -> int:
     if finished_early is not None:  # evaluated at this step already
         best = False
         log.message(f"stopped after step {step}: {finished_early}")
-    else:
-        best = watch is not None and watch.update(step, evaluations(step))
+    else:  # the final evaluation runs whether or not something watches it
+        scores = evaluations(step)
+        best = watch is not None and watch.update(step, scores)
     if sample_set:
         log.samples(
             step, "after", answer_prompts(model, tokenizer, renderer, cfg, backend, device, sample_set)
