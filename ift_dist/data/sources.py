@@ -5,8 +5,8 @@ Nothing needs the whole corpus in memory, except JSON array files:
   with `os.pread` (no shared file position, so a descriptor inherited by a forked worker stays correct).
 - Parquet: a row-group index; `get` reads one row group at a time and keeps the current one per process.
 - A `datasets.Dataset.save_to_disk` directory: memory-mapped Arrow through `datasets.load_from_disk`.
-- A JSON array (.json starting with "[") has to be parsed whole: each process keeps at most one parsed file. Big
-  corpora should be JSONL or Parquet, or prepared once with `ift data prepare`.
+- A JSON array (.json starting with "[") has to be parsed whole: each process keeps the 8 it read last
+  (json_array.py). Big corpora should be JSONL or Parquet, or prepared once with `ift data prepare`.
 
 Record indices run across the files in sorted order. Blank JSONL lines are not records. Locations: "line N"
 (JSONL, 1-based as editors count), "record N" (JSON array, 0-based element index), "row N" (Parquet/Arrow,
@@ -31,6 +31,7 @@ import numpy as np
 
 from ift_dist.config import RecordFormat, SourceConfig, relative_path_note
 from ift_dist.data.contracts import BadRecord, DataFileError, SampleRef, ValidRecord
+from ift_dist.data.json_array import JsonArrayFile
 from ift_dist.data.records import FILTERED, FORMATS, convert_record, detect_format
 
 logger = logging.getLogger(__name__)
@@ -122,48 +123,6 @@ class _JsonLinesFile:
 
     def iter_records(self) -> Iterator[Any]:
         return (self.read(local) for local in range(len(self)))
-
-
-# One parsed JSON array file per process: (path, records).
-_json_cache: tuple[Path, list] | None = None
-
-
-def _load_json_array(path: Path) -> list:
-    global _json_cache
-    if _json_cache is not None and _json_cache[0] == path:
-        return _json_cache[1]
-    # surrogateescape keeps non-UTF-8 bytes as lone surrogates; records.py reports them per field.
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataFileError(
-            f"{path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        ) from error
-    if not isinstance(records, list):
-        raise DataFileError(f"{path}: expected a JSON array of records, got a JSON {type(records).__name__}")
-    _json_cache = (path, records)
-    return records
-
-
-class _JsonArrayFile:
-    """A JSON array file: parsed whole, at most one such file held per process."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.count = len(_load_json_array(path))
-
-    def __len__(self) -> int:
-        return self.count
-
-    def location(self, local: int) -> str:
-        return f"record {local}"
-
-    def read(self, local: int) -> Any:
-        return _load_json_array(self.path)[local]
-
-    def iter_records(self) -> Iterator[Any]:
-        return iter(_load_json_array(self.path))
 
 
 class _ParquetFile:
@@ -290,7 +249,7 @@ def _open_file(path: Path) -> Any:
     if kind == "parquet":
         return _ParquetFile(path)
     if kind == "json" and not _holds_json_lines(path):
-        return _JsonArrayFile(path)
+        return JsonArrayFile(path)
     return _JsonLinesFile(path)
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ift_dist.config import SourceConfig
-from ift_dist.data import sources as sources_module
+from ift_dist.data import json_array
 from ift_dist.data.contracts import Conversation, DataFileError, SampleRef
 from ift_dist.data.sources import RecordSource, open_source
 
@@ -306,12 +306,23 @@ def test_blank_lines_bom_and_index_across_files(tmp_path):
     assert (bad.reason, bad.location, bad.file) == ("missing_field", "line 4", str(path))
 
 
-def test_at_most_one_parsed_json_array_is_kept_per_process(tmp_path):
+def test_parsed_json_arrays_are_kept_per_process_and_a_mix_parses_each_once(tmp_path, monkeypatch):
+    """A mix alternates between its sources: each JSON array file is parsed once, not at every switch; the least
+    recently read file goes first beyond 8."""
+    json_array.clear_cache()
     for name in ("a", "b"):
         (tmp_path / f"{name}.json").write_text(json.dumps([{"instruction": name, "output": "x"}] * 3))
+    parses = []
+    real_loads = json_array.json.loads
+    monkeypatch.setattr(json_array.json, "loads", lambda text: parses.append(1) or real_loads(text))
     source = source_of(tmp_path)
-    assert [source.get(i).messages[0].content for i in (0, 3, 1, 4)] == ["a", "b", "a", "b"]
-    assert sources_module._json_cache[0] == tmp_path / "b.json"
+    assert [source.get(i).messages[0].content for i in (0, 3, 1, 4, 2, 5)] == ["a", "b", "a", "b", "a", "b"]
+    assert len(parses) == 2
+    for index in range(9):
+        (tmp_path / f"c{index}.json").write_text(json.dumps([{"instruction": "c", "output": "x"}]))
+        json_array.JsonArrayFile(tmp_path / f"c{index}.json")
+    assert (tmp_path / "a.json") not in json_array.cached_paths()
+    assert len(json_array.cached_paths()) == 8 and json_array.cached_paths()[-1] == tmp_path / "c8.json"
 
 
 # ------------------------------------------------------------------------------------------ unreadable files
