@@ -155,13 +155,7 @@ class PackedLoader:
         """Back to the start of the plan, counters cleared."""
         self.stream = RankStream(self.plan.length, self.rank, self.world_size, epochs=self.epochs)
         self.packer = StreamingPacker(self.cfg.max_length, self.cfg.pack_buffer, packing=self.cfg.packing)
-        # Read but gave no sample, by reason; conversations read as per-turn samples. What became samples is
-        # counted by the packer as rows leave it.
-        self.counters: dict[str, Counter[str]] = {
-            "dropped": Counter(),
-            "bad_records": Counter(),
-            "per_turn": Counter(),
-        }
+        self.counters = _new_counters()
         self._generation += 1
 
     def __iter__(self) -> Iterator[PackedBatch]:
@@ -198,21 +192,16 @@ class PackedLoader:
             self.packer.add_packed(result, (epoch, position))
         elif isinstance(result, RenderedSample):
             self.packer.add(result, (epoch, position))
-        elif isinstance(result, TurnSamples):
-            # Independent samples that share the record's position (data.multi_turn_mode).
+        elif isinstance(result, TurnSamples | TextSamples):
+            # Independent samples of one record, in order, sharing its position: a conversation's per-turn samples
+            # (data.multi_turn_mode) or a raw-text document's max_length chunks (format text).
             for sample in result.samples:
                 self.packer.add(sample, (epoch, position))
-            for dropped in result.dropped:
-                self.counters["dropped"][dropped.reason] += 1
-            per_turn = self.counters.setdefault("per_turn", Counter())  # absent from older loader states
-            per_turn.update(conversations=1, samples=len(result.samples))
-            return bool(result.samples)
-        elif isinstance(result, TextSamples):
-            # A raw-text document's max_length chunks (format text), in order, sharing the record's position.
-            for sample in result.samples:
-                self.packer.add(sample, (epoch, position))
-            text = self.counters.setdefault("text", Counter())  # absent from older loader states
-            text.update(documents=1, chunks=len(result.samples))
+            if isinstance(result, TurnSamples):
+                self.counters["dropped"].update(dropped.reason for dropped in result.dropped)
+                self.counters["per_turn"].update(conversations=1, samples=len(result.samples))
+            else:
+                self.counters["text"].update(documents=1, chunks=len(result.samples))
             return bool(result.samples)
         elif isinstance(result, Dropped):
             self.counters["dropped"][result.reason] += 1
@@ -236,8 +225,8 @@ class PackedLoader:
             **self.packer.stats,
             "dropped": dict(self.counters["dropped"]),
             "bad_records": dict(self.counters["bad_records"]),
-            "per_turn": {"conversations": 0, "samples": 0, **self.counters.get("per_turn", {})},
-            "text": {"documents": 0, "chunks": 0, **self.counters.get("text", {})},
+            "per_turn": {"conversations": 0, "samples": 0, **self.counters["per_turn"]},
+            "text": {"documents": 0, "chunks": 0, **self.counters["text"]},
             "packing_efficiency": self.packer.efficiency,
             "epoch": self.stream.epoch,
             "scan": self.scan_report,
@@ -260,9 +249,19 @@ class PackedLoader:
             )
         self.stream.load_state_dict(state["stream"])
         self.packer.load_state_dict(state["packer"])
-        self.counters = {name: Counter(values) for name, values in state["counters"].items()}
+        self.counters = _new_counters(state["counters"])
         self._generation += 1
         self._restored = True
+
+
+# What a loader counts of the records it reads (what became samples the packer counts as rows leave it): records that
+# gave no sample, by reason; conversations read as per-turn samples; raw-text documents. Every state has them all: a
+# counter added since, or one a rank never touched, starts at zero (a merge over ranks needs the same names).
+COUNTERS = ("dropped", "bad_records", "per_turn", "text")
+
+
+def _new_counters(saved: dict[str, dict[str, int]] | None = None) -> dict[str, Counter[str]]:
+    return {name: Counter((saved or {}).get(name, {})) for name in COUNTERS}
 
 
 def merge_states(states: Sequence[dict[str, Any]], new_world_size: int) -> list[dict[str, Any]]:
@@ -277,7 +276,7 @@ def merge_states(states: Sequence[dict[str, Any]], new_world_size: int) -> list[
     returned = [np.unique(state["packer"]["positions"].numpy().reshape(-1, 2), axis=0) for state in states]
     streams = merge_stream_states([state["stream"] for state in states], returned, new_world_size)
     stats: Counter[str] = Counter()
-    counters: dict[str, Counter[str]] = {name: Counter() for name in first["counters"]}
+    counters = _new_counters()
     for state in states:
         stats.update(state["packer"]["stats"])
         for name, values in state["counters"].items():
@@ -290,7 +289,7 @@ def merge_states(states: Sequence[dict[str, Any]], new_world_size: int) -> list[
         )
         if rank == 0:
             packer.stats = stats
-        mine = counters if rank == 0 else {name: Counter() for name in counters}
+        mine = counters if rank == 0 else _new_counters()
         merged.append(
             {
                 "kind": first["kind"],

@@ -26,7 +26,7 @@ from ift_dist.data.contracts import (
     TextDocument,
     TextSamples,
 )
-from ift_dist.data.loader import build_loader
+from ift_dist.data.loader import build_loader, merge_states
 from ift_dist.data.render import Renderer, load_tokenizer
 from ift_dist.data.report import analyze
 from ift_dist.data.scan import scan_sources
@@ -69,6 +69,13 @@ def chat_rows(count: int) -> list[dict]:
 
 def text_rows(count: int) -> list[dict]:
     return [{"text": f"Document {n}: " + LONG[: 150 + 90 * n]} for n in range(count)]
+
+
+def chats_and_documents(directory: Path, chats: int, documents: int) -> list[SourceConfig]:
+    """A chat source (chats.jsonl) and a text source (docs.jsonl) written into `directory`."""
+    chat_path = write_jsonl(directory / "chats.jsonl", chat_rows(chats))
+    doc_path = write_jsonl(directory / "docs.jsonl", text_rows(documents))
+    return [SourceConfig(path=str(chat_path)), SourceConfig(path=str(doc_path), format="text")]
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -165,10 +172,8 @@ def summed_loss(logits_TV: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor
 
 
 def test_text_and_chat_packed_equal_unpacked(tmp_path, smollm2):
-    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(5))
-    docs = write_jsonl(tmp_path / "docs.jsonl", text_rows(4))
     cfg = DataConfig(
-        sources=[SourceConfig(path=str(chats)), SourceConfig(path=str(docs), format="text")],
+        sources=chats_and_documents(tmp_path, 5, 4),
         max_length=96,
         pack_buffer=32,
         num_workers=0,
@@ -246,10 +251,8 @@ def test_weights_mix_text_like_any_source(tmp_path, smollm2):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_exactly_inside_a_cut_document(tmp_path, smollm2, num_workers):
-    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(4))
-    docs = write_jsonl(tmp_path / "docs.jsonl", text_rows(4))
     cfg = DataConfig(
-        sources=[SourceConfig(path=str(chats)), SourceConfig(path=str(docs), format="text")],
+        sources=chats_and_documents(tmp_path, 4, 4),
         max_length=48,
         pack_buffer=3,
         num_workers=num_workers,
@@ -277,6 +280,24 @@ def test_resume_continues_exactly_inside_a_cut_document(tmp_path, smollm2, num_w
         resumed.load_state_dict(state)
         assert batches(iter(resumed), 12 - saved_after) == expected[saved_after:]
     assert cuts, "no save fell between two chunks of a document"
+
+
+def test_states_merge_onto_another_world_size_when_a_rank_counted_no_document(tmp_path, smollm2):
+    """A rank that has read no text document yet, or a state saved before text sources existed, has no text count:
+    a resume on another number of ranks still merges the states, and the counts add up."""
+    cfg = DataConfig(sources=chats_and_documents(tmp_path, 6, 6), max_length=48, pack_buffer=3, num_workers=0)
+    loaders = [build_loader(cfg, smollm2, rank=rank, world_size=2, rows_per_batch=1) for rank in range(2)]
+    for loader in loaders:
+        for _, _batch in zip(range(4), loader, strict=False):
+            pass
+    states = [loader.state_dict() for loader in loaders]
+    counted = sum(loader.report()["text"]["documents"] for loader in loaders)
+    assert counted > 0
+    untouched = states[0]["counters"].pop("text")
+    merged = merge_states(states, 1)
+    restored = build_loader(cfg, smollm2, rank=0, world_size=1, rows_per_batch=1)
+    restored.load_state_dict(merged[0])
+    assert restored.report()["text"]["documents"] == counted - untouched.get("documents", 0)
 
 
 # --------------------------------------------------------------------------------------------- report
