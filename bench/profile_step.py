@@ -253,19 +253,14 @@ def annotate_train_path() -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from train_throughput import SHARED
+    from train_throughput import add_model_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for trace.json and breakdown.json")
     parser.add_argument(
         "--model", type=Path, help="HF model directory; written (a random Llama) when it has none"
     )
-    parser.add_argument("--hidden", type=int, default=384, help="random Llama: hidden size")
-    parser.add_argument("--layers", type=int, default=6, help="random Llama: decoder layers")
-    parser.add_argument("--heads", type=int, default=6, help="random Llama: attention heads")
-    parser.add_argument("--kv-heads", type=int, default=2, help="random Llama: key/value heads")
-    parser.add_argument("--intermediate", type=int, default=1024, help="random Llama: MLP width")
-    parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers/smollm2-135m-instruct"))
+    add_model_arguments(parser)
     parser.add_argument("--max-length", type=int, default=512, help="tokens per packed row")
     parser.add_argument("--micro-batch-rows", type=int, default=1, help="packed rows per micro batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro batches per optimizer step")

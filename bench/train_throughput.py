@@ -85,15 +85,20 @@ DEFAULT_SOURCES = [
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="an existing HF causal LM directory (default: a random Llama, below)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The random Llama's shape and the tokenizer (its vocabulary): shared with bench/profile_step.py."""
     parser.add_argument("--hidden", type=int, default=384, help="random Llama: hidden size")
     parser.add_argument("--layers", type=int, default=6, help="random Llama: decoder layers")
     parser.add_argument("--heads", type=int, default=6, help="random Llama: attention heads")
     parser.add_argument("--kv-heads", type=int, default=2, help="random Llama: key/value heads")
     parser.add_argument("--intermediate", type=int, default=1024, help="random Llama: MLP width")
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers/smollm2-135m-instruct"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="an existing HF causal LM directory (default: a random Llama, below)")
+    add_model_arguments(parser)
     parser.add_argument("--max-length", type=int, default=512, help="tokens per packed row and per sample")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per contender")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the timing")

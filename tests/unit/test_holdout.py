@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from shared_paths import DATA, TOKENIZERS
+from shared_paths import TOKENIZERS, write_alpaca_and_chats
 
 from ift_dist.config import ConfigError, DataConfig, SourceConfig
 from ift_dist.data.holdout import write_test_split
@@ -27,17 +27,10 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[SourceConfig]:
     """Alpaca rows as JSONL (with one broken line, never part of any split) and FastChat chats as a JSON array."""
-    directory = tmp_path_factory.mktemp("holdout")
-    alpaca = json.loads((DATA / "llamafactory/alpaca_en_demo.json").read_text())[:80]
-    lines = [json.dumps(record) for record in alpaca]
-    lines.insert(5, '{"instruction": "broken", ')
-    (directory / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
-    chat = json.loads((DATA / "fastchat/dummy_conversation.json").read_text())[:60]
-    (directory / "chat.json").write_text(json.dumps(chat))
-    return [
-        SourceConfig(path=str(directory / "alpaca.jsonl")),
-        SourceConfig(path=str(directory / "chat.json")),
-    ]
+    alpaca, chat = write_alpaca_and_chats(
+        tmp_path_factory.mktemp("holdout"), alpaca=80, broken_at=5, chats=60
+    )
+    return [SourceConfig(path=str(alpaca)), SourceConfig(path=str(chat))]
 
 
 def refs(loader) -> Counter:

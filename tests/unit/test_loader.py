@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from shared_paths import write_alpaca_and_chats
 
 from ift_dist.config import DataConfig, SourceConfig
 from ift_dist.data.contracts import IGNORE_INDEX, BadRecordError
@@ -33,12 +34,7 @@ def tokenizer():
 def corpus(tmp_path_factory) -> list[SourceConfig]:
     """Small slices of real files: Alpaca as JSONL with one broken line, FastChat multi-turn, KTO (label true)."""
     directory = tmp_path_factory.mktemp("corpus")
-    alpaca = json.loads((DATA / "llamafactory/alpaca_en_demo.json").read_text())[:70]
-    lines = [json.dumps(record) for record in alpaca]
-    lines.insert(10, '{"instruction": "broken", ')
-    (directory / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
-    chat = json.loads((DATA / "fastchat/dummy_conversation.json").read_text())[:60]
-    (directory / "chat.json").write_text(json.dumps(chat))
+    write_alpaca_and_chats(directory, alpaca=70, broken_at=10, chats=60)
     kto = json.loads((DATA / "llamafactory/kto_en_demo.json").read_text())[:30]
     (directory / "kto.json").write_text(json.dumps(kto))
     return [
