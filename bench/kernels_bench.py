@@ -3,10 +3,12 @@
     python bench/kernels_bench.py                    # CPU table, then the CUDA table when a GPU is present
     python bench/kernels_bench.py --devices cuda --repeats 20
 
-Implementations side by side: ours (`fused_linear_cross_entropy`, automatic dispatch), plain torch
+Implementations side by side: ours (`fused_linear_cross_entropy`, automatic dispatch) followed by our explicit
+variants (`kernels_measure.OURS`: each dW strategy, a larger chunk; `--ours-variants` picks them), plain torch
 (F.cross_entropy(hidden @ weight.T)), torch's own chunked F.linear_cross_entropy when the installed torch has it, and
 Liger-Kernel's fused linear cross-entropy (default bf16 accumulation, and with accum_dtype=fp32) when installed and on
-CUDA. How time and memory are measured: `kernels_measure.py`.
+CUDA. Ratios are printed against plain torch and against Liger (default). How time and memory are measured:
+`kernels_measure.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import subprocess
 from typing import NamedTuple
 
 import torch
-from kernels_measure import IMPLS, Case, measure_here, measure_in_fresh_process
+from kernels_measure import IMPLS, OURS, Case, measure_here, measure_in_fresh_process
 
 
 class Shape(NamedTuple):
@@ -30,6 +32,10 @@ class Shape(NamedTuple):
     ignored: float  # fraction of labels set to the ignore index
     repeats: int | None = None  # timed runs for this shape; None: the command line's --repeats
 
+
+# The variants that accompany "ours" unless --ours-variants says otherwise: the 3-matmul strategies. ("ours_vocab" is
+# what "ours" runs for bf16 today; name it to measure it explicitly.)
+DEFAULT_VARIANTS = ("ours_rows_inplace", "ours_rows_inplace_x4", "ours_rows")
 
 CPU_GRID = [
     Shape(2048, 512, 8000, "float32", 0.0),
@@ -75,9 +81,10 @@ def run_device(device: str, grid, impls, warmup: int, repeats: int, threads: int
         if device == "cpu"
         else f"Device: {device_name(device)} ({device}, torch {torch.__version__})",
         "",
-        "| N | H | V | dtype | ignored | impl | time ms | x torch | peak MiB | x torch |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | H | V | dtype | ignored | impl | time ms | x torch | x liger | peak MiB | x torch | x liger |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    all_results = {}
     print("\n".join(lines), flush=True)
     for tokens, hidden_size, vocab_size, dtype, ignored, shape_repeats in grid:
         results = {}
@@ -95,16 +102,52 @@ def run_device(device: str, grid, impls, warmup: int, repeats: int, threads: int
                 threads,
             )
             results[impl] = measure_in_fresh_process(case) if device == "cpu" else measure_here(case)
+        all_results[tokens, hidden_size, vocab_size, dtype, ignored] = results
         for impl in impls:
             time_ms, time_ratio = _cell(results[impl], "time_ms", results.get("torch"), 1)
+            _, time_liger = _cell(results[impl], "time_ms", results.get("liger"), 1)
             peak, peak_ratio = _cell(results[impl], "peak_mib", results.get("torch"), 1)
+            _, peak_liger = _cell(results[impl], "peak_mib", results.get("liger"), 1)
             line = (
                 f"| {tokens} | {hidden_size} | {vocab_size} | {dtype} | {ignored:.0%} | {impl} "
-                f"| {time_ms} | {time_ratio} | {peak} | {peak_ratio} |"
+                f"| {time_ms} | {time_ratio} | {time_liger} | {peak} | {peak_ratio} | {peak_liger} |"
             )
             lines.append(line)
             print(line, flush=True)
+    ignored_lines = _ignored_speedup(all_results, impls)
+    print("\n".join(ignored_lines), flush=True)
+    return lines + ignored_lines
+
+
+def _ignored_speedup(all_results: dict, impls) -> list[str]:
+    """Time with some labels ignored over the time of the same shape fully supervised, where the grid has both."""
+    lines = []
+    for (tokens, hidden_size, vocab_size, dtype, ignored), results in all_results.items():
+        supervised = all_results.get((tokens, hidden_size, vocab_size, dtype, 0.0))
+        if ignored == 0.0 or supervised is None:
+            continue
+        if not lines:
+            lines = [
+                "",
+                "| N | H | V | dtype | ignored | impl | time x all supervised |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        for impl in impls:
+            _, ratio = _cell(results[impl], "time_ms", supervised[impl], 1)
+            lines.append(
+                f"| {tokens} | {hidden_size} | {vocab_size} | {dtype} | {ignored:.0%} | {impl} | {ratio} |"
+            )
     return lines
+
+
+def expand_impls(impls: list[str], ours_variants: list[str]) -> list[str]:
+    """The implementations to measure, in order: each of `impls`, with `ours_variants` right after "ours"."""
+    expanded = []
+    for impl in impls:
+        for name in [impl, *ours_variants] if impl == "ours" else [impl]:
+            if name not in expanded:
+                expanded.append(name)
+    return expanded
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,7 +157,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if present"
     )
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=["ours", "torch", "torch_fused", "liger", "liger_fp32_accum"],
+    )
+    parser.add_argument(
+        "--ours-variants",
+        nargs="*",
+        choices=[name for name in OURS if name != "ours"],
+        default=list(DEFAULT_VARIANTS),
+        help="our explicit variants measured right after 'ours' (none: the automatic dispatch alone)",
+    )
     parser.add_argument("--warmup", type=int, help="runs before timing (default: 1 on CPU, 3 on CUDA)")
     parser.add_argument(
         "--repeats", type=int, help="timed runs, median reported (default: 3 on CPU, 10 on CUDA)"
@@ -143,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup = args.warmup or (1 if device == "cpu" else 3)
         repeats = args.repeats or (3 if device == "cpu" else 10)
         print()
-        run_device(device, grid, args.impls, warmup, repeats, args.threads)
+        run_device(device, grid, expand_impls(args.impls, args.ours_variants), warmup, repeats, args.threads)
 
 
 if __name__ == "__main__":

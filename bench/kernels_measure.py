@@ -25,7 +25,17 @@ from pathlib import Path
 
 import torch
 
-IMPLS = ("ours", "torch", "torch_fused", "liger", "liger_fp32_accum")
+# Our contenders: the automatic dispatch and explicit dW strategies (`options.ChunkPlan`), with the logits-chunk
+# budget as a multiple of the default one (more rows per chunk: fewer dW roundings and gradient read-modify-writes
+# for "rows_inplace", for more memory).
+OURS = {
+    "ours": {},
+    "ours_vocab": {"weight_grad_pass": "vocab"},
+    "ours_rows": {"weight_grad_pass": "rows"},
+    "ours_rows_inplace": {"weight_grad_pass": "rows_inplace"},
+    "ours_rows_inplace_x4": {"weight_grad_pass": "rows_inplace", "chunk_scale": 4},
+}
+IMPLS = (*OURS, "torch", "torch_fused", "liger", "liger_fp32_accum")
 MIB = 1 << 20
 
 
@@ -46,12 +56,8 @@ class Case:
 def loss_function(impl: str, device: str):
     """A callable (hidden, weight, labels) -> summed loss, or None when the implementation is not available here."""
     functional = torch.nn.functional
-    if impl == "ours":
-        from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
-
-        return lambda hidden, weight, labels: fused_linear_cross_entropy(
-            hidden, weight, labels, reduction="sum"
-        )
+    if impl in OURS:
+        return _ours(**OURS[impl])
     if impl == "torch":
         return lambda hidden, weight, labels: functional.cross_entropy(
             hidden @ weight.T, labels, reduction="sum"
@@ -79,6 +85,27 @@ def loss_function(impl: str, device: str):
             hidden, weight, labels, reduction="sum", accum_dtype=accum_dtype
         )
     raise ValueError(f"unknown implementation {impl!r}")
+
+
+def _ours(weight_grad_pass: str = "auto", chunk_scale: int = 1):
+    from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
+    from ift_dist.kernels.options import default_chunk_elements
+
+    def loss(hidden, weight, labels):
+        chunk_elements = None
+        if chunk_scale != 1:
+            supervised = int((labels != -100).sum())
+            chunk_elements = chunk_scale * default_chunk_elements(supervised, hidden.shape[-1])
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            reduction="sum",
+            weight_grad_pass=weight_grad_pass,
+            chunk_elements=chunk_elements,
+        )
+
+    return loss
 
 
 def make_inputs(case: Case, seed: int = 0):

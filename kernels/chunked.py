@@ -7,6 +7,9 @@ Never holds the [N, V] logits. Ignored tokens are dropped before any matmul, the
               the whole vocabulary, so dX is accumulated in fp32 inside the matmul and rounded once.
   dW, "rows"  accumulated over the row chunks in fp32: into the gradient itself for an fp32 weight, else into an
               fp32 [V, H] buffer.
+  dW, "rows_inplace"  accumulated over the row chunks straight into the gradient in the weight's dtype: each chunk's
+              product is summed in fp32 inside one matmul and rounded into the running sum once per chunk (3 matmuls,
+              no [V, H] buffer; for bf16, one rounding per row chunk).
   dW, "vocab" (default for bf16/fp16) for chunks of vocabulary columns: logits [M, C] of all supervised tokens are
               recomputed, turned into dlogits with the lse of the row pass, and dW_C = dlogits^T @ X is one matmul
               reducing over every token: fp32 accumulation without any [V, H] fp32 buffer, at the cost of one more
@@ -32,10 +35,21 @@ from .options import ChunkPlan, LossSpec, chunk_sizes
 class Supervised:
     """The supervised tokens of one call, ready for the passes."""
 
-    hidden_MH: torch.Tensor  # the input itself when every token is supervised, else a gathered copy
+    hidden_NH: torch.Tensor  # the input, all N tokens
     labels_M: torch.Tensor
     rows_M: torch.Tensor | None  # positions in the input; None when every token is supervised
     num_tokens: int  # N, supervised or not
+
+    @property
+    def count(self) -> int:
+        return self.labels_M.shape[0]
+
+    def hidden_rows(self, start: int, end: int) -> torch.Tensor:
+        """Supervised hidden states start..end [R, H]: a view, or a gathered chunk-sized copy. The row pass gathers
+        chunk by chunk, so the row strategies never hold a copy of all M supervised rows."""
+        if self.rows_M is None:
+            return self.hidden_NH[start:end]
+        return self.hidden_NH.index_select(0, self.rows_M[start:end])
 
 
 def select_supervised(
@@ -47,9 +61,7 @@ def select_supervised(
     if rows_M.numel() == num_tokens:
         supervised = Supervised(hidden_NH, labels_N, None, num_tokens)
     else:
-        supervised = Supervised(
-            hidden_NH.index_select(0, rows_M), labels_N.index_select(0, rows_M), rows_M, num_tokens
-        )
+        supervised = Supervised(hidden_NH, labels_N.index_select(0, rows_M), rows_M, num_tokens)
     labels_M = supervised.labels_M
     if labels_M.numel() and bool(((labels_M < 0) | (labels_M >= vocab_size)).any()):
         bad = labels_M[(labels_M < 0) | (labels_M >= vocab_size)][:5].tolist()
@@ -73,12 +85,31 @@ def _logits(hidden_RH: torch.Tensor, weight_CH: torch.Tensor, bias_C: torch.Tens
     return torch.addmm(bias_C, hidden_RH, weight_CH.T)
 
 
+def _accumulate_(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor, first: bool) -> None:
+    """gradient (weight dtype) = or += left @ right: the product is summed in fp32 inside the matmul and the sum with
+    the gradient is rounded to its dtype once (cuBLAS: fp32 compute type, beta=1 applied in the fp32 epilogue; CPU:
+    the same with an fp32 accumulator per output element)."""
+    if first:
+        # Writing the first product saves zero-filling the whole [V, H] gradient and reading those zeros back.
+        torch.mm(left, right, out=gradient)
+    else:
+        # The out= form of addmm_ (what torch's flop counter sees; tests count matmuls).
+        torch.addmm(gradient, left, right, out=gradient)
+
+
+def resolve_weight_grad_pass(weight_grad_pass: str, dtype: torch.dtype) -> str:
+    """The dW strategy actually run: "auto" is "rows" for an fp32 weight, "vocab" otherwise, and "rows_inplace" on
+    an fp32 weight is "rows" (the gradient is its own fp32 accumulator)."""
+    if weight_grad_pass == "auto":
+        return "rows" if dtype == torch.float32 else "vocab"
+    if weight_grad_pass == "rows_inplace" and dtype == torch.float32:
+        return "rows"
+    return weight_grad_pass
+
+
 def _addmm_fp32_(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """accumulator (fp32) += left @ right, accumulating in fp32 whatever the dtype of the operands."""
-    if left.dtype == torch.float32:
-        # addmm_ would do the same; the out= form is the one torch's flop counter sees (tests count matmuls).
-        torch.addmm(accumulator, left, right, out=accumulator)
-        return
+    """accumulator (fp32) += left @ right for bf16/fp16 operands, accumulating in fp32 ("rows" with a low-precision
+    weight; an fp32 weight is accumulated in place by `_accumulate_`)."""
     if left.is_cuda:
         try:
             # cuBLAS reads bf16/fp16 and accumulates into the fp32 output (aten::addmm.dtype_out).
@@ -86,7 +117,8 @@ def _addmm_fp32_(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Ten
             return
         except (RuntimeError, TypeError):
             pass
-    accumulator.addmm_(left.float(), right.float())
+    # The out= form of addmm_ (what torch's flop counter sees; tests count matmuls).
+    torch.addmm(accumulator, left.float(), right.float(), out=accumulator)
 
 
 @dataclasses.dataclass
@@ -112,27 +144,30 @@ def run_passes(
     with it (backward of "none") only gradients are computed. `needs` says which of (hidden, weight, bias) get a
     gradient; each supervised row's gradient is multiplied by `row_scale_M`."""
     backend = _backend(plan)
-    hidden_MH, labels_M = supervised.hidden_MH, supervised.labels_M
-    tokens, hidden_size = hidden_MH.shape
+    hidden_NH, labels_M = supervised.hidden_NH, supervised.labels_M
+    tokens, hidden_size = supervised.count, hidden_NH.shape[1]
     vocab_size = weight_VH.shape[0]
     rows_per_chunk, columns_per_chunk = chunk_sizes(plan, tokens, hidden_size, vocab_size)
     need_hidden, need_weight, need_bias = needs
-    weight_pass = plan.weight_grad_pass
-    if weight_pass == "auto":
-        weight_pass = "rows" if weight_VH.dtype == torch.float32 else "vocab"
-    rows_mode = weight_pass == "rows"
+    weight_pass = resolve_weight_grad_pass(plan.weight_grad_pass, weight_VH.dtype)
+    rows_mode = weight_pass != "vocab"
+    # An fp32 weight is its own fp32 accumulator; "rows_inplace" accepts one rounding per chunk in a lower dtype.
+    weight_in_place = rows_mode and (weight_pass == "rows_inplace" or weight_VH.dtype == torch.float32)
 
     grads = Gradients()
     if need_hidden:
-        grads.hidden = torch.zeros(
-            (supervised.num_tokens, hidden_size), dtype=hidden_MH.dtype, device=hidden_MH.device
+        # Every row is written by the row pass when every token is supervised; else the ignored rows stay 0.
+        allocate = torch.empty if supervised.rows_M is None else torch.zeros
+        grads.hidden = allocate(
+            (supervised.num_tokens, hidden_size), dtype=hidden_NH.dtype, device=hidden_NH.device
         )
     weight_accumulator = bias_accumulator = None
     if need_weight:
-        if rows_mode:
+        if rows_mode and not weight_in_place:
             weight_accumulator = torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device)
         else:
-            grads.weight = torch.empty_like(weight_VH)  # every row is written by the vocabulary pass
+            # Written by the first row chunk, or row by row by the vocabulary pass; zeroed below if neither runs.
+            grads.weight = torch.empty_like(weight_VH)
     if need_bias:
         bias_accumulator = torch.zeros(vocab_size, dtype=torch.float32, device=weight_VH.device)
 
@@ -141,7 +176,8 @@ def run_passes(
     if lse_M is None or need_row_gradient:
         for start in range(0, tokens, rows_per_chunk):
             end = min(tokens, start + rows_per_chunk)
-            hidden_RH, labels_R, scale_R = hidden_MH[start:end], labels_M[start:end], row_scale_M[start:end]
+            hidden_RH = supervised.hidden_rows(start, end)
+            labels_R, scale_R = labels_M[start:end], row_scale_M[start:end]
             logits_RV = _logits(hidden_RH, weight_VH, bias_V)
             if lse_M is None:
                 stats.append(backend.row_stats_(logits_RV, labels_R, scale_R, spec, need_row_gradient))
@@ -155,7 +191,9 @@ def run_passes(
                     torch.mm(logits_RV, weight_VH, out=grads.hidden[start:end])
                 else:
                     grads.hidden.index_copy_(0, supervised.rows_M[start:end], logits_RV @ weight_VH)
-            if rows_mode and need_weight:
+            if rows_mode and need_weight and weight_in_place:
+                _accumulate_(grads.weight, logits_RV.T, hidden_RH, first=start == 0)
+            elif rows_mode and need_weight:
                 _addmm_fp32_(weight_accumulator, logits_RV.T, hidden_RH)
             if rows_mode and need_bias:
                 bias_accumulator += logits_RV.sum(dim=0, dtype=torch.float32)
@@ -164,6 +202,8 @@ def run_passes(
         lse_M = torch.cat([chunk[0] for chunk in stats])
 
     if not rows_mode and (need_weight or need_bias) and tokens:
+        # Every supervised row is an operand of every vocabulary chunk: gathered once (M x H), after the row pass.
+        hidden_MH = supervised.hidden_rows(0, tokens)
         for start in range(0, vocab_size, columns_per_chunk):
             end = min(vocab_size, start + columns_per_chunk)
             bias_C = None if bias_V is None else bias_V[start:end]
@@ -174,8 +214,8 @@ def run_passes(
             if need_bias:
                 bias_accumulator[start:end] = logits_MC.sum(dim=0, dtype=torch.float32)
             del logits_MC
-    elif need_weight and not rows_mode:
-        grads.weight.zero_()
+    if need_weight and weight_accumulator is None and not tokens:
+        grads.weight.zero_()  # no chunk ran to write it
 
     if weight_accumulator is not None:
         grads.weight = (
@@ -215,7 +255,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden_NH, weight_VH, bias_V, labels_N, spec: LossSpec, plan: ChunkPlan, needs):
         supervised = select_supervised(hidden_NH, labels_N, spec.ignore_index, weight_VH.shape[0])
-        tokens = supervised.labels_M.shape[0]
+        tokens = supervised.count
         ctx.spec, ctx.plan, ctx.needs, ctx.num_tokens = spec, plan, needs, supervised.num_tokens
         scalar_grads = spec.reduction != "none" and any(needs)
         scale = 1.0 / tokens if spec.reduction == "mean" and tokens else 1.0
@@ -228,7 +268,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         if spec.reduction == "none":
             ctx.save_for_backward(
-                supervised.hidden_MH,
+                supervised.hidden_NH,
                 supervised.labels_M,
                 supervised.rows_M,
                 weight_VH,
@@ -259,8 +299,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                         gradient.mul_(grad_loss.to(gradient.dtype))
             return grads.hidden, grads.weight, grads.bias, None, None, None, None
 
-        hidden_MH, labels_M, rows_M, weight_VH, bias_V, lse_M = ctx.saved_tensors
-        supervised = Supervised(hidden_MH, labels_M, rows_M, ctx.num_tokens)
+        hidden_NH, labels_M, rows_M, weight_VH, bias_V, lse_M = ctx.saved_tensors
+        supervised = Supervised(hidden_NH, labels_M, rows_M, ctx.num_tokens)
         row_scale_M = grad_loss.float() if rows_M is None else grad_loss.float().index_select(0, rows_M)
         _, grads = run_passes(
             supervised, weight_VH, bias_V, ctx.spec, ctx.plan, row_scale_M, ctx.needs, lse_M

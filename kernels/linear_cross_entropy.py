@@ -56,7 +56,7 @@ def fused_linear_cross_entropy(
 
     return_z_loss: also return the z-loss part (already included in the loss, same reduction, detached) for logging.
     impl: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "torch".
-    weight_grad_pass: how dW is accumulated in fp32, see `options.ChunkPlan`: "auto", "vocab" or "rows".
+    weight_grad_pass: how dW is accumulated, see `options.ChunkPlan`: "auto", "vocab", "rows" or "rows_inplace".
     chunk_elements: the most elements of one logits chunk; None picks a size from the shapes (`options.chunk_sizes`).
     """
     if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:

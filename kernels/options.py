@@ -6,7 +6,7 @@ import dataclasses
 
 REDUCTIONS = ("sum", "mean", "none")
 IMPLEMENTATIONS = ("auto", "triton", "torch")
-WEIGHT_GRAD_PASSES = ("auto", "vocab", "rows")
+WEIGHT_GRAD_PASSES = ("auto", "vocab", "rows", "rows_inplace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,12 @@ class ChunkPlan:
       "vocab" — after the row pass (loss, logsumexp, dX), a second pass over vocabulary chunks recomputes the
                 logits of all supervised tokens for each chunk and computes its dW rows in one matmul that
                 reduces over every token (fp32 accumulation inside the matmul, no [V, H] buffer, 4 matmuls).
+      "rows_inplace" — dW accumulates over row chunks straight into the gradient in the weight's dtype: each row
+                chunk's dW_R = dlogits_R^T @ X_R is computed in fp32 inside one matmul and added to the running sum,
+                which is rounded to the weight dtype once per chunk (addmm with beta=1, as Liger does). 3 matmuls and no
+                [V, H] buffer; for bf16 the price is one rounding per row chunk (error grows with the number of chunks,
+                not with the number of tokens) and a read-modify-write of the whole gradient per chunk. Equal to
+                "rows" for an fp32 weight.
       "auto"  — "rows" for an fp32 weight, "vocab" otherwise.
     """
 
@@ -69,11 +75,16 @@ MIN_CHUNK_COLUMNS = 128
 MIN_CHUNK_ELEMENTS = 1 << 20
 
 
+def default_chunk_elements(tokens: int, hidden_size: int) -> int:
+    """The default logits-chunk budget for `tokens` supervised tokens: half the elements of their hidden states."""
+    return max(MIN_CHUNK_ELEMENTS, max(tokens, 1) * hidden_size // 2)
+
+
 def chunk_sizes(plan: ChunkPlan, tokens: int, hidden_size: int, vocab_size: int) -> tuple[int, int]:
     """(rows per row-pass chunk, vocabulary columns per vocabulary-pass chunk) for `tokens` supervised tokens."""
     tokens = max(tokens, 1)
     if plan.chunk_elements is None:
-        budget = max(MIN_CHUNK_ELEMENTS, tokens * hidden_size // 2)
+        budget = default_chunk_elements(tokens, hidden_size)
         # Multiples of 64 fill the matmul tiles (a 130-row chunk would run a nearly empty second row of tiles) and
         # keep each weight slice aligned.
         rows = budget // vocab_size

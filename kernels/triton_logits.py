@@ -8,6 +8,12 @@ without setting TRITON_INTERPRET for the whole process.
                     loss and the z-loss; a second sweep (optional) overwrites the row with its gradient.
   _dlogits_kernel   a 2-D grid over a [R, C] chunk of vocabulary columns: overwrites each logit with its gradient,
                     given the row's lse from the first pass.
+
+Launch configurations (block sizes, warps): on CUDA, `triton.autotune` times a few configurations the first time it
+sees a key (the vocabulary width, the constexpr flags, the dtype) and keeps the fastest. Both kernels overwrite their
+chunk, so the tuner restores it after every trial run (`restore_value`: one extra chunk-sized copy, during tuning
+only). The key leaves out the number of rows, which changes with every batch's supervised tokens. Under the
+interpreter (CPU tensors) one small fixed configuration keeps the tests fast and covers the partial last block.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import types
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .options import LossSpec
 
@@ -183,6 +190,48 @@ def _dlogits_kernel(
     tl.store(pointers, gradient.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+# GPU candidates. Row kernel: one program streams a row in BLOCK_V-wide blocks (4096 fp32 = 16 KiB per sweep step was
+# the fixed choice; wider blocks mean fewer loop trips, more warps more loads in flight). dlogits kernel: elementwise
+# tiles of BLOCK_R x BLOCK_C; wide rows give coalesced 512-1024 byte stores.
+ROW_CONFIGS = [
+    triton.Config({"BLOCK_V": block}, num_warps=warps)
+    for block, warps in ((4096, 8), (2048, 4), (2048, 8), (4096, 16), (8192, 16))
+]
+DLOGITS_CONFIGS = [
+    triton.Config({"BLOCK_R": block_rows, "BLOCK_C": block_columns}, num_warps=warps)
+    for block_rows, block_columns, warps in (
+        (16, 256, 4),
+        (8, 512, 4),
+        (32, 256, 8),
+        (16, 512, 8),
+        (64, 128, 8),
+    )
+]
+# Interpreter: small blocks, so that the CPU tests' odd shapes run partial blocks.
+INTERPRETER_ROW_META = {"BLOCK_V": 64}
+INTERPRETER_DLOGITS_META = {"BLOCK_R": 16, "BLOCK_C": 64}
+
+
+def _time_candidate(kernel_call, quantiles):
+    """Triton's timing with a shorter budget than its default 25 ms warm-up + 100 ms per candidate: a chunk kernel
+    takes 0.01-1 ms, so 20 ms still averages many runs, and a new key (a test grid has dozens) tunes in ~0.1 s."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+_row_loss_tuned = triton.autotune(
+    configs=ROW_CONFIGS,
+    key=["vocab_size", "HAS_SOFTCAP", "COMPUTE_GRAD"],
+    restore_value=["logits_ptr"],
+    do_bench=_time_candidate,
+)(_row_loss_kernel)
+_dlogits_tuned = triton.autotune(
+    configs=DLOGITS_CONFIGS,
+    key=["n_columns", "HAS_SOFTCAP"],
+    restore_value=["logits_ptr"],
+    do_bench=_time_candidate,
+)(_dlogits_kernel)
+
+
 @functools.cache
 def _interpreted_kernels() -> types.SimpleNamespace:
     """The kernels above wrapped for Triton's interpreter, in a private copy of this module's globals so the helper
@@ -210,10 +259,18 @@ def _interpreted_kernels() -> types.SimpleNamespace:
     return types.SimpleNamespace(**twins)
 
 
-def _kernels(device: torch.device):
+def row_launch(device: torch.device) -> tuple:
+    """(row kernel, its fixed meta-parameters): the autotuned kernel on a GPU, the interpreted twin on CPU."""
     if device.type == "cpu":
-        return _interpreted_kernels()
-    return types.SimpleNamespace(_row_loss_kernel=_row_loss_kernel, _dlogits_kernel=_dlogits_kernel)
+        return _interpreted_kernels()._row_loss_kernel, INTERPRETER_ROW_META
+    return _row_loss_tuned, {}
+
+
+def dlogits_launch(device: torch.device) -> tuple:
+    """(dlogits kernel, its fixed meta-parameters): the autotuned kernel on a GPU, the interpreted twin on CPU."""
+    if device.type == "cpu":
+        return _interpreted_kernels()._dlogits_kernel, INTERPRETER_DLOGITS_META
+    return _dlogits_tuned, {}
 
 
 def _scalars(spec: LossSpec, vocab_size: int) -> dict:
@@ -239,11 +296,8 @@ def row_stats_(
     rows, vocab_size = logits_RV.shape
     assert logits_RV.stride(1) == 1, "the logits chunk must be row-major"
     lse_R, loss_R, z_loss_R = torch.empty((3, rows), dtype=torch.float32, device=logits_RV.device)
-    on_gpu = logits_RV.device.type != "cpu"
-    # GPU: one program streams a row in 4096-wide blocks (16 KiB of fp32 per sweep step); interpreter: small blocks
-    # so that the tests cover the partial last block.
-    block = min(4096, triton.next_power_of_2(vocab_size)) if on_gpu else 64
-    _kernels(logits_RV.device)._row_loss_kernel[(rows,)](
+    kernel, meta = row_launch(logits_RV.device)
+    kernel[(rows,)](
         logits_RV,
         logits_RV.stride(0),
         labels_R,
@@ -253,9 +307,8 @@ def row_stats_(
         z_loss_R,
         vocab_size,
         COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block,
+        **meta,
         **_scalars(spec, vocab_size),
-        **({"num_warps": 8} if on_gpu else {}),
     )
     return lse_R, loss_R, z_loss_R
 
@@ -273,10 +326,12 @@ def dlogits_(
     given each row's logsumexp over the whole vocabulary."""
     rows, columns = logits_RC.shape
     assert logits_RC.stride(1) == 1, "the logits chunk must be row-major"
-    on_gpu = logits_RC.device.type != "cpu"
-    block_rows, block_columns = (16, 256) if on_gpu else (16, 64)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(columns, block_columns))
-    _kernels(logits_RC.device)._dlogits_kernel[grid](
+    kernel, meta = dlogits_launch(logits_RC.device)
+
+    def grid(launch: dict) -> tuple[int, int]:
+        return triton.cdiv(rows, launch["BLOCK_R"]), triton.cdiv(columns, launch["BLOCK_C"])
+
+    kernel[grid](
         logits_RC,
         logits_RC.stride(0),
         rows,
@@ -285,8 +340,6 @@ def dlogits_(
         labels_R,
         row_scale_R,
         lse_R,
-        BLOCK_R=block_rows,
-        BLOCK_C=block_columns,
+        **meta,
         **_scalars(spec, vocab_size),
-        **({"num_warps": 4} if on_gpu else {}),
     )

@@ -45,7 +45,7 @@ def _problem(density, option_set, dtype, shape=(BATCH, TIME, HIDDEN, VOCAB)):
     )
 
 
-@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows"])
+@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows", "rows_inplace"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize(("density", "option_set"), CASES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -67,7 +67,7 @@ def _bf16_rule(function, problem, reduction, options, tolerance=1e-3):
         assert relative_error(value, expected) <= relative_error(plain_value, expected) + tolerance
 
 
-@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows"])
+@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows", "rows_inplace"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize(("density", "option_set"), BF16_CASES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -80,6 +80,43 @@ def test_bf16_no_worse_than_plain_torch(impl, density, option_set, reduction, we
 def test_bf16_large_vocabulary(vocab_size):
     problem = make_problem(2, 2048, 1024, vocab_size, "half", device="cuda")
     _bf16_rule(ours("auto"), problem, "sum", OPTION_SETS["everything"])
+
+
+def _fp32_check(weight_grad_pass="vocab"):
+    options = OPTION_SETS["everything"]
+    problem = _problem("half", "everything", torch.float32)
+    actual = loss_and_grads(ours("triton", weight_grad_pass=weight_grad_pass), *problem, "sum", options)
+    assert_matches(actual, loss_and_grads(reference, *problem, "sum", options), rtol=1e-4, atol=1e-4)
+
+
+def test_autotuning_from_scratch_restores_the_chunk():
+    """A first call per key benchmarks every configuration on the chunk it overwrites: the result must still be right."""
+    from ift_dist.kernels import triton_logits
+
+    for tuned in (triton_logits._row_loss_tuned, triton_logits._dlogits_tuned):
+        tuned.cache.clear()
+    _fp32_check()
+    assert triton_logits._row_loss_tuned.cache and triton_logits._dlogits_tuned.cache
+
+
+@pytest.mark.parametrize("kernel", ["row", "dlogits"])
+@pytest.mark.parametrize("index", range(5))
+def test_every_autotune_configuration_matches_reference(monkeypatch, kernel, index):
+    """Each candidate alone, so a wrong one fails here even where the tuner would not pick it on this GPU."""
+    import triton
+
+    from ift_dist.kernels import triton_logits
+
+    name, configs = {
+        "row": ("_row_loss_tuned", triton_logits.ROW_CONFIGS),
+        "dlogits": ("_dlogits_tuned", triton_logits.DLOGITS_CONFIGS),
+    }[kernel]
+    if index >= len(configs):
+        pytest.skip("fewer configurations")
+    tuned = getattr(triton_logits, name)
+    single = triton.autotune(configs=[configs[index]], key=tuned.keys)(tuned.fn)
+    monkeypatch.setattr(triton_logits, name, single)
+    _fp32_check("vocab" if kernel == "dlogits" else "rows")
 
 
 def test_memory_is_a_small_fraction_of_plain_torch():

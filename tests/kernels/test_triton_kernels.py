@@ -16,6 +16,8 @@ import pytest
 import torch
 from lce_cases import DENSITIES, OPTION_SETS, assert_matches, loss_and_grads, make_problem, ours, reference
 
+from ift_dist.kernels.triton_logits import DLOGITS_CONFIGS, ROW_CONFIGS
+
 # N = 3 x 47 tokens, H = 31, V = 123: nothing is a power of two. A 16-row budget gives 9 row chunks (the last partial)
 # and 10-13 vocabulary chunks, so every offset and mask path of the kernels runs.
 BATCH, TIME, HIDDEN, VOCAB = 3, 47, 31, 123
@@ -33,7 +35,7 @@ def _compare(density, reduction, options, weight_grad_pass):
     return actual
 
 
-@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows"])
+@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows", "rows_inplace"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_interpreted_kernels_match_reference(density, reduction, weight_grad_pass):
@@ -103,6 +105,10 @@ def test_kernels_compile_for_gpu(capability, dtype):
 
     from ift_dist.kernels import triton_logits
 
+    if not isinstance(triton_logits._row_loss_kernel, triton.runtime.JITFunction):
+        pytest.skip(
+            "TRITON_INTERPRET=1 was set before triton_logits was imported: its kernels are interpreted"
+        )
     scalars = {"target_weight": "fp32", "smoothing_per_class": "fp32", "z_loss": "fp32", "softcap": "fp32"}
     row_signature = {
         "logits_ptr": f"*{dtype}",
@@ -133,23 +139,50 @@ def test_kernels_compile_for_gpu(capability, dtype):
         "BLOCK_C": "constexpr",
     }
     target = GPUTarget("cuda", capability, 32)
+    # Every autotune candidate for Hopper in bf16 (the training case); the first one elsewhere.
+    every_config = capability == 90 and dtype == "bf16"
     sources = [
         (
             triton_logits._row_loss_kernel,
             row_signature,
-            {"HAS_SOFTCAP": True, "COMPUTE_GRAD": True, "BLOCK_V": 4096},
+            {"HAS_SOFTCAP": True, "COMPUTE_GRAD": True},
+            ROW_CONFIGS,
         ),
-        (
-            triton_logits._dlogits_kernel,
-            dlogits_signature,
-            {"HAS_SOFTCAP": True, "BLOCK_R": 16, "BLOCK_C": 256},
-        ),
+        (triton_logits._dlogits_kernel, dlogits_signature, {"HAS_SOFTCAP": True}, DLOGITS_CONFIGS),
     ]
-    for kernel, signature, constexprs in sources:
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target
-        )
-        assert len(compiled.asm["cubin"]) > 1000
+    for kernel, signature, constexprs, configs in sources:
+        for config in configs if every_config else configs[:1]:
+            compiled = triton.compile(
+                ASTSource(fn=kernel, signature=signature, constexprs={**constexprs, **config.kwargs}),
+                target=target,
+                options={"num_warps": config.num_warps},
+            )
+            assert len(compiled.asm["cubin"]) > 1000
+
+
+def test_launch_configuration_per_device():
+    """CPU tensors: the interpreted kernels with one small fixed configuration. CUDA: autotuned kernels whose key
+    leaves out the row count (it changes every batch) and which restore the chunk they overwrite between trials."""
+    import triton
+
+    from ift_dist.kernels import triton_logits
+
+    for launch, fixed in (
+        (triton_logits.row_launch, triton_logits.INTERPRETER_ROW_META),
+        (triton_logits.dlogits_launch, triton_logits.INTERPRETER_DLOGITS_META),
+    ):
+        kernel, meta = launch(torch.device("cpu"))
+        assert meta == fixed and not isinstance(kernel, triton.runtime.Autotuner)
+        tuned, meta = launch(torch.device("cuda"))
+        assert meta == {} and isinstance(tuned, triton.runtime.Autotuner)
+        assert tuned.restore_value == ["logits_ptr"]
+        assert set(tuned.keys) <= set(tuned.arg_names)
+        assert not {"n_rows", "stride_row"} & set(tuned.keys)
+        assert len(tuned.configs) == len(set(map(str, tuned.configs))) >= 2
+        for config in tuned.configs:
+            assert set(config.kwargs) == set(fixed)  # the same meta-parameters the interpreter fixes
+            for value in (*config.kwargs.values(), config.num_warps):
+                assert value & (value - 1) == 0, config  # powers of two
 
 
 def test_triton_forced_on_cpu_runs_interpreter_and_matches_torch_path():
@@ -158,3 +191,36 @@ def test_triton_forced_on_cpu_runs_interpreter_and_matches_torch_path():
         triton_loss = ours("triton")(hidden, weight, labels, reduction="none")
         torch_loss = ours("torch")(hidden, weight, labels, reduction="none")
     torch.testing.assert_close(triton_loss, torch_loss)
+
+
+def test_autotuning_restores_the_chunk_it_overwrites(monkeypatch):
+    """The tuner's trial runs overwrite the logits chunk in place; with `restore_value` the final run still sees the
+    raw logits. Run on CPU: the same Autotuner, the interpreted kernels, a timer that runs each candidate three times
+    (the trial runs) and ranks them by a fixed order instead of measuring."""
+    import triton
+
+    from ift_dist.kernels import triton_logits
+
+    interpreted = triton_logits._interpreted_kernels()
+    trials = []
+
+    def timer(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        trials.append(len(trials))
+        return [float(len(trials) % 2)] * len(quantiles)  # every second candidate looks faster
+
+    def tuned(kernel, real, blocks):
+        configs = [triton.Config(dict(zip(real.configs[0].kwargs, block, strict=True))) for block in blocks]
+        return triton.autotune(configs, key=real.keys, restore_value=real.restore_value, do_bench=timer)(
+            kernel
+        )
+
+    row = tuned(interpreted._row_loss_kernel, triton_logits._row_loss_tuned, [(32,), (64,)])
+    dlogits = tuned(interpreted._dlogits_kernel, triton_logits._dlogits_tuned, [(8, 32), (16, 64)])
+    monkeypatch.setattr(triton_logits, "row_launch", lambda device: (row, {}))
+    monkeypatch.setattr(triton_logits, "dlogits_launch", lambda device: (dlogits, {}))
+    for weight_grad_pass in ("vocab", "rows"):
+        _compare("half", "sum", OPTION_SETS["everything"], weight_grad_pass)
+    assert trials and row.cache and dlogits.cache
+    assert all(config.kwargs == {"BLOCK_V": 64} for config in row.cache.values())
