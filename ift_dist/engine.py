@@ -28,6 +28,7 @@ import deepspeed
 import torch
 
 from ift_dist.config import BatchPlan, ConfigError, TrainConfig
+from ift_dist.config.choices import ZeroSingleRank
 from ift_dist.dist import local_rank, use_cuda
 
 logger = logging.getLogger(__name__)
@@ -136,7 +137,42 @@ def build_config(
         config["bf16"] = {"enabled": True}
     elif dtype == torch.float16:
         config["fp16"] = {"enabled": True, "loss_scale": 0}  # dynamic loss scaling
+    if plan.world_size == 1 and train.zero_single_rank == ZeroSingleRank.persist:
+        single_rank_persistence(config["zero_optimization"])
     return config
+
+
+def single_rank_persistence(zero: dict[str, Any]) -> None:
+    """On one rank, keep every parameter gathered (train.zero_single_rank=persist): writes into `zero` (the
+    zero_optimization section). DeepSpeed 0.19, deepspeed/runtime/zero/:
+    - parameter_offload.py mark_persistent_parameters: initialize marks ds_persist every parameter of at most
+      param_persistence_threshold elements (within model_persistence_threshold, default sys.maxsize);
+      partitioned_param_coordinator.py __params_to_release never releases those after their module, and stage3.py
+      _post_step gathers them again after each optimizer step: the per-layer fetch finds them available.
+    - On one rank a gather copies nothing (partition_parameters.py all_gather_coalesced, _allgather_params_coalesced
+      -> _no_gather_coalesced: param.data becomes a view of its partition), so persistence costs no memory and leaves
+      the numerics alone; not so with stage3_allgather_sequential (_allgather_params_sequential copies).
+    - save_checkpoint partitions every parameter first (checkpoint_event_prologue) and gathers the persistent ones
+      after (checkpoint_event_epilogue): the checkpoint holds the same ZeRO-3 shards.
+    - The prefetch bucket stays: with nothing to fetch, the prefetch scan only drains the trace queue, and with
+      stage3_prefetch_bucket_size 0 the coordinator checks each module against the recorded fetch order strictly
+      (_fetch_sub_module_impl, "tracing error"), which a LoRA run resumed on one rank tripped (test_lora.py).
+      overlap_comm stays: its stream still carries the gradient bucket copies (reduce_scatter_coalesced).
+    Not applied with offload_param (persistence would keep the whole model on the GPU) or allgather_sequential (a
+    second copy of every parameter). A persistence threshold in the JSON is tuning for many ranks (the shipped
+    zero3.json sets one) and is overridden on one rank; train.zero_single_rank=zero3 keeps it."""
+    offload = (zero.get("offload_param") or {}).get("device", "none") in ("cpu", "nvme")
+    sequential = zero.get("stage3_allgather_sequential") or zero.get("allgather_sequential")
+    if offload or zero.get("cpu_offload_param") or sequential:
+        why = "stage3_allgather_sequential" if sequential else "offload_param"
+        logger.info("one rank: train.zero_single_rank=persist not applied (zero_optimization.%s)", why)
+    else:
+        zero.pop("param_persistence_threshold", None)  # DeepSpeed's other name for the same knob
+        zero["stage3_param_persistence_threshold"] = sys.maxsize
+        logger.info(
+            "one rank: every parameter stays gathered, no per-layer gather/release (train.zero_single_rank=persist; "
+            "checkpoints keep the ZeRO-3 format)"
+        )
 
 
 def zero3_init(ds_config: dict[str, Any]) -> Callable[[], AbstractContextManager[None]]:

@@ -88,11 +88,19 @@ class LinearLossHead(nn.Module):
     DeepSpeed's module hooks gather that weight around this module's forward and again before its backward, and
     reduce its gradient like any other: the one place the fused loss reads the weight, no patched HF module."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, softcap: float | None = None):
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None = None,
+        softcap: float | None = None,
+        weight_grad_pass: str = "auto",
+    ):
         super().__init__()
         self.weight = weight
         self.bias = bias
         self.softcap = softcap
+        # How the kernel accumulates dW (train.fused_loss_dw; ift_dist/kernels/options.py ChunkPlan).
+        self.weight_grad_pass = weight_grad_pass
 
     def forward(self, hidden_NH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
         from ift_dist.kernels.linear_cross_entropy import fused_linear_cross_entropy
@@ -105,6 +113,7 @@ class LinearLossHead(nn.Module):
             ignore_index=IGNORE_INDEX,
             reduction="sum",
             logit_softcap=self.softcap,
+            weight_grad_pass=self.weight_grad_pass,
         )
 
 
@@ -115,14 +124,16 @@ class CausalLMLoss(nn.Module):
     model_kwargs are those of `attention.packed_forward_kwargs`. The HF model stays reachable as `.model` (for
     generation and export); nothing in it is patched."""
 
-    def __init__(self, model: Any, mode: LossMode = LossMode.fused):
+    def __init__(self, model: Any, mode: LossMode = LossMode.fused, weight_grad_pass: str = "auto"):
         super().__init__()
         self.model = model
         self.mode = LossMode(mode)
         if self.mode == LossMode.fused:
             check_fused_supported(model)
             output = model.get_output_embeddings()
-            self.head = LinearLossHead(output.weight, getattr(output, "bias", None), logit_softcap(model))
+            self.head = LinearLossHead(
+                output.weight, getattr(output, "bias", None), logit_softcap(model), weight_grad_pass
+            )
 
     def forward(self, labels: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         targets_BT = shift_labels(labels)

@@ -1,8 +1,8 @@
 """Loading the pretrained causal LM to train: from a directory, hub id or GGUF file, ready for packed rows.
 
 `load_model` = from_pretrained (inside the engine's init context, for ZeRO-3) + dtype rule + packed attention
-backend (ift_dist.attention) + optional activation checkpointing. It never imports deepspeed: the engine passes the
-context in.
+backend (ift_dist.attention) + optional activation checkpointing (of every k-th decoder layer). It never imports
+deepspeed: the engine passes the context in.
 """
 
 from __future__ import annotations
@@ -123,8 +123,10 @@ def load_model(
     model.config.use_cache = False  # training keeps no KV cache
     backend = select_backend(model, config.attention, device=device, training=training)
     enable_packed_attention(model, backend)
+    checkpointing = ""
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        selected, total = enable_gradient_checkpointing(model, every=config.gradient_checkpointing_every)
+        checkpointing = f", activation checkpointing of {describe_layers(selected, total)}"
     logger.info(
         "loaded %s (%s, %.1fM parameters, %s, attention %s%s)",
         config.name_or_path,
@@ -132,7 +134,7 @@ def load_model(
         sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,  # ds_numel under zero.Init
         dtype,
         backend,
-        ", activation checkpointing" if config.gradient_checkpointing else "",
+        checkpointing,
     )
     return model, backend
 
@@ -169,11 +171,42 @@ def make_saveable(model: Any) -> None:
     model.is_quantized = False
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
+def enable_gradient_checkpointing(model: Any, every: int = 1) -> tuple[list[int], int]:
     """Non-reentrant checkpointing: it passes keyword tensors (the packed boundaries) through and needs no input
-    that requires grad. The layers checkpoint only in train() mode."""
+    that requires grad. The layers checkpoint only in train() mode. every=k: only decoder layers 0, k, 2k, ...
+    recompute (model.gradient_checkpointing_every), through the per-layer flag of transformers'
+    GradientCheckpointingLayer (its forward wrapper checkpoints when `self.gradient_checkpointing`; transformers' own
+    every_n_layers counts the same way). Returns (the indices of the recomputing layers, the number of layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ift_dist.config import ConfigError
+
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    if every > 1 and not layers:
+        raise ConfigError(
+            f"model.gradient_checkpointing_every={every}: {type(model).__name__} has no layers built on transformers' "
+            "GradientCheckpointingLayer, whose per-layer flag selects the layers; set it to 1 (every layer)"
+        )
     options = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+    return [index for index, layer in enumerate(layers) if layer.gradient_checkpointing], len(layers)
+
+
+def describe_layers(selected: list[int], total: int) -> str:
+    """E.g. "every layer (16)", "8 of 16 layers (0, 2, ..., 14)"; a model without GradientCheckpointingLayer
+    checkpoints as its own code says: "its layers"."""
+    if not total:
+        return "its layers"
+    if len(selected) == total:
+        return f"every layer ({total})"
+    shown = (
+        ", ".join(map(str, selected))
+        if len(selected) <= 5
+        else f"{selected[0]}, {selected[1]}, ..., {selected[-1]}"
+    )
+    return f"{len(selected)} of {total} layers ({shown})"

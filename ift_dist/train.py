@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ift_dist import compile as compile_lib
 from ift_dist import dist, exit_codes
 from ift_dist import engine as engine_lib
 from ift_dist import export as export_lib
@@ -172,9 +173,12 @@ def train(cfg: Config) -> int:
         before_adapter=None if cfg.model.gguf_file else engine_lib.check_partitioned,  # each rank: its shard only
     )  # fmt: skip
     model.train()  # load_model leaves it in eval()
+    # model.compile: regional torch.compile; each layer becomes a ZeRO-3 leaf module, so before initialize.
+    if cfg.model.compile:
+        compile_lib.compile_decoder_layers(model, ds_config)
     if rank == 0:  # for the export; every checkpoint copies them
         export_lib.save_model_files(run.model_files, model, tokenizer, renderer.chat_template, peft_model)
-    module = CausalLMLoss(model, cfg.train.loss)
+    module = CausalLMLoss(model, cfg.train.loss, cfg.train.fused_loss_dw.value)
     groups = parameter_groups(module.named_parameters(), cfg.train.weight_decay)
     optimizer = engine_lib.build_optimizer(groups, cfg.train, ds_config)
     logger.info(
@@ -291,6 +295,8 @@ def train(cfg: Config) -> int:
                 "epoch": train_loader.report()["epoch"],
             }
         )
+        if cfg.model.compile and rank == 0 and step in (1, max_steps):  # recompiles show up at the end
+            log.message(compile_lib.graph_report())
         bad_in_a_row = progress.bad_in_a_row
         if skipped:
             logger.warning("step %d skipped: loss %s, gradient norm %s", step, loss, result.grad_norm)

@@ -30,8 +30,11 @@ SAFE_TO_CHANGE = (
     "train.save_at_end",
     "train.micro_batch_rows",  # the global batch stays the same rows; only the accumulation changes
     "train.zero_config",  # ZeRO knobs: sharding, buckets, offload
+    "train.zero_single_rank",  # whether one rank keeps its parameters gathered: the same numerics and shards
     "model.attention",  # every backend computes the same attention
-    "model.gradient_checkpointing",
+    "model.gradient_checkpointing",  # and model.gradient_checkpointing_every: recomputed, the same values
+    "model.compile",  # the same layers run compiled: the same step, the same parameter names
+    "train.fused_loss_dw",  # how the fused loss accumulates dW: the same gradient up to rounding
     "data.num_workers",
     "data.eval_sources",
 )

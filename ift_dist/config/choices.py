@@ -53,6 +53,22 @@ class LossMode(Choice):
     reference = "reference"
 
 
+class WeightGradPass(Choice):
+    """train.fused_loss_dw: the dW strategy of the fused loss (ift_dist/kernels/options.py, ChunkPlan)."""
+
+    auto = "auto"
+    vocab = "vocab"
+    rows = "rows"
+    rows_inplace = "rows_inplace"
+
+
+class ZeroSingleRank(Choice):
+    """train.zero_single_rank: what ZeRO-3 does on one rank (ift_dist/engine.py, single_rank_persistence)."""
+
+    persist = "persist"  # every parameter stays gathered: no per-layer gather/release; the same checkpoints
+    zero3 = "zero3"  # DeepSpeed's ZeRO-3 defaults, as on many ranks
+
+
 class LrSchedule(Choice):
     """train.lr_schedule: the decay after warmup."""
 

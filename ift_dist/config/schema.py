@@ -19,6 +19,8 @@ from ift_dist.config.choices import (
     MetricMode,
     OnSaveError,
     WandbMode,
+    WeightGradPass,
+    ZeroSingleRank,
 )
 from ift_dist.config.data_schema import DataConfig
 from ift_dist.config.eval_schema import EvalConfig, benchmark_label
@@ -44,6 +46,14 @@ class ModelConfig:
     attention: AttentionBackend = AttentionBackend.auto
     # Recompute each decoder layer's activations in the backward pass: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: only every k-th decoder layer (layers 0, k, 2k, ...) recomputes, the others keep
+    # their activations: more memory than k=1, less recompute (k=2: about half the extra compute). 1 = every layer.
+    # Needs a model built of transformers' GradientCheckpointingLayer when > 1 (ift_dist/model.py).
+    gradient_checkpointing_every: int = 1
+    # Regional torch.compile: each decoder layer's forward compiled in place (one graph shared by the identical
+    # layers), ZeRO-3 gathering each layer whole around it. Composes with gradient_checkpointing; refused with
+    # adapter (and so quantization). The first steps are slower (compilation). ift_dist/compile.py, docs/training.md.
+    compile: bool = False
     # Train an adapter (LoRA) instead of every weight: ift_dist/config/adapter_schema.py, docs/lora.md.
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # QLoRA: the frozen base quantized to 4 bits (CUDA only; needs adapter.type=lora).
@@ -51,12 +61,18 @@ class ModelConfig:
 
     def validate(self, key: str) -> None:
         check_choices(self, key)
+        check_positive(f"{key}.gradient_checkpointing_every", self.gradient_checkpointing_every)
         self.adapter.validate(f"{key}.adapter")
         self.quantization.validate(f"{key}.quantization")
         if self.quantization.enabled and not self.adapter.enabled:
             raise ConfigError(
                 f"{key}.quantization.bits: a quantized base cannot be trained in full; set {key}.adapter.type=lora "
                 "(QLoRA) or remove the quantization"
+            )
+        if self.compile and self.adapter.enabled:  # model.quantization needs an adapter: refused with it
+            raise ConfigError(
+                f"{key}.compile: not with {key}.adapter.type={self.adapter.type} (under ZeRO-3 the backward pass of "
+                "compiled LoRA layers fails on an empty, partitioned tensor); set one of them off"
             )
         if self.quantization.enabled and self.gguf_file:
             raise ConfigError(
@@ -161,6 +177,10 @@ class TrainConfig:
     # "fused": hidden states -> fused linear cross-entropy (ift_dist.kernels), never holding the full-vocabulary
     # logits; "reference": the model's own logits -> torch cross-entropy (the executable specification).
     loss: LossMode = LossMode.fused
+    # How the fused loss accumulates the output layer's gradient (docs/kernels.md): "auto" (exact fp32 accumulation:
+    # "vocab" for bf16/fp16 weights, 4 logits-sized matmuls; "rows" for fp32), "rows_inplace" (3 matmuls, one
+    # rounding per row chunk, as Liger), "rows" (3 matmuls, an fp32 [V, H] buffer), "vocab".
+    fused_loss_dw: WeightGradPass = WeightGradPass.auto
     # Evaluate every N optimizer steps (0 = only at the end): the eval loss (needs data.eval_sources or
     # data.eval_fraction) and eval.benchmarks; with neither there is no evaluation.
     eval_every: int = 0
@@ -170,6 +190,11 @@ class TrainConfig:
     # DeepSpeed JSON holding ZeRO knobs only (configs/ds_zero3/); null = plain ZeRO stage 3. Batch sizes, clipping,
     # precision, optimizer and schedule come from this config; a JSON that sets them is rejected.
     zero_config: str | None = None
+    # On ONE rank without parameter offload: "persist" keeps every parameter gathered (DeepSpeed's
+    # stage3_param_persistence_threshold set to the maximum: nothing to gather or release per layer, the same
+    # numerics, the same ZeRO-3 checkpoints); "zero3" leaves DeepSpeed's defaults. No effect on several ranks, with
+    # offload_param or stage3_allgather_sequential, or when zero_config sets stage3_param_persistence_threshold.
+    zero_single_rank: ZeroSingleRank = ZeroSingleRank.persist
     # Save a checkpoint into <output_dir>/checkpoints/step_<N> when training ends (docs/checkpoints.md); the
     # periodic and on-signal saves are set in the `checkpoint` section.
     save_at_end: bool = True

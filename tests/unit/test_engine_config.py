@@ -4,6 +4,7 @@ our config, and DeepSpeed's own parser accepts the result."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,59 @@ def test_zero3_init_is_active_only_inside_its_block():
         assert is_deepspeed_zero3_enabled()
         raise ValueError("a failed load")
     assert not is_deepspeed_zero3_enabled()
+
+
+def zero_section(zero: dict, world_size: int, **train) -> dict:
+    """The zero_optimization section build_config hands DeepSpeed for `zero` on `world_size` ranks."""
+    settings = TrainConfig(**train)
+    plan = batch_plan(settings, 512, world_size)
+    return build_config(zero, plan, settings, torch.float32)["zero_optimization"]
+
+
+def test_one_rank_keeps_every_parameter_gathered_and_deepspeed_accepts_it():
+    section = zero_section({"zero_optimization": {"stage": 3, "overlap_comm": True}}, 1)
+    assert section == {"stage": 3, "overlap_comm": True, "stage3_param_persistence_threshold": sys.maxsize}
+    plan = batch_plan(TrainConfig(), 512, 1)
+    parsed = DeepSpeedConfig(build_config(load_zero_config(None), plan, TrainConfig(), torch.float32))
+    assert parsed.zero_config.param_persistence_threshold == sys.maxsize
+    assert parsed.zero_config.model_persistence_threshold == sys.maxsize  # no cap on the persisted total
+    assert parsed.zero_config.overlap_comm  # prefetch and overlap left to DeepSpeed's stage-3 defaults
+
+
+def test_zero3_behaviour_is_kept_where_persistence_does_not_apply():
+    plain = load_zero_config(None)
+    assert zero_section(plain, 2) == plain["zero_optimization"]  # several ranks: untouched
+    assert zero_section(plain, 1, zero_single_rank="zero3") == plain["zero_optimization"]
+    offload = load_zero_config(REPO_CONFIGS / "zero3_offload.json")  # parameters live on the CPU
+    assert zero_section(offload, 1) == offload["zero_optimization"]
+    legacy = {"zero_optimization": {"stage": 3, "cpu_offload_param": True}}
+    assert zero_section(legacy, 1) == legacy["zero_optimization"]
+    sequential = {"zero_optimization": {"stage": 3, "stage3_allgather_sequential": True}}  # gathers copy
+    assert zero_section(sequential, 1) == sequential["zero_optimization"]
+
+
+@pytest.mark.parametrize("key", ["stage3_param_persistence_threshold", "param_persistence_threshold"])
+def test_a_persistence_threshold_of_the_json_is_overridden_on_one_rank_only(key):
+    zero = {"zero_optimization": {"stage": 3, key: 1000}}
+    assert zero_section(zero, 1) == {"stage": 3, "stage3_param_persistence_threshold": sys.maxsize}
+    assert zero_section(zero, 2) == zero["zero_optimization"]
+    shipped = load_zero_config(REPO_CONFIGS / "zero3.json")  # sets its own threshold (1e6) for many ranks
+    assert zero_section(shipped, 1)["stage3_param_persistence_threshold"] == sys.maxsize
+    assert zero_section(shipped, 2) == shipped["zero_optimization"]
+
+
+def test_the_other_knobs_of_the_json_are_kept():
+    zero = {"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 123, "overlap_comm": False}}
+    section = zero_section(zero, 1)
+    assert section == {**zero["zero_optimization"], "stage3_param_persistence_threshold": sys.maxsize}
+
+
+def test_changing_zero_single_rank_never_blocks_a_resume():
+    from ift_dist.checkpoint.compat import config_changes
+    from ift_dist.config import Config, to_dict
+
+    old, new = to_dict(Config()), to_dict(Config())
+    new["train"]["zero_single_rank"] = "zero3"
+    assert config_changes(old, new) == ([], ["train.zero_single_rank"])
+    del old["train"]["zero_single_rank"]  # a checkpoint of a version without the key: persist by default
+    assert config_changes(old, to_dict(Config())) == ([], [])

@@ -39,9 +39,9 @@ def packed_batch(rows=((9, 6, 12), (20,)), total=32, seed=0) -> PackedBatch:
     return PackedBatch(input_ids, labels, position_ids, [list(r) for r in rows], [[] for _ in rows])
 
 
-def loss_and_grads(model, mode, batch):
+def loss_and_grads(model, mode, batch, weight_grad_pass="auto"):
     model.zero_grad()
-    module = CausalLMLoss(model, mode)
+    module = CausalLMLoss(model, mode, weight_grad_pass)
     loss = module(labels=batch.labels, **packed_forward_kwargs(batch, "sdpa"))
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -67,6 +67,20 @@ def test_fused_equals_reference_equals_the_models_own_loss(tied):
     with torch.no_grad():
         hf_mean = model(labels=batch.labels, **packed_forward_kwargs(batch, "sdpa")).loss
     torch.testing.assert_close(fused, hf_mean * batch.num_loss_tokens, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight_grad_pass", ["vocab", "rows", "rows_inplace"])
+def test_every_dw_strategy_of_the_fused_head_gives_the_reference_gradients(weight_grad_pass):
+    # train.fused_loss_dw reaches the kernel: a wrong strategy name fails here, and each one trains the same model.
+    model = packed_llama(tied=False)
+    batch = packed_batch()
+    fused, fused_grads = loss_and_grads(model, "fused", batch, weight_grad_pass)
+    reference, reference_grads = loss_and_grads(model, "reference", batch)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    for name, gradient in fused_grads.items():
+        torch.testing.assert_close(gradient, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="weight_grad_pass"):
+        loss_and_grads(model, "fused", batch, "columns")
 
 
 def test_the_fused_head_shares_the_output_weight():

