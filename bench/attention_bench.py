@@ -308,16 +308,18 @@ def table(results: list[Result], header: dict[str, Any]) -> str:
     lines = [f"# {key}: {value}" for key, value in header.items()]
     columns = ("backend", "status", "fwd ms", "fwd+bwd ms", "setup ms", "step ms", "ratio", "peak MiB",
                "out diff", "grad diff")  # fmt: skip
-    lines.append(" | ".join(columns))
+    # Markdown rows (leading and trailing |): docs/benchmarks.md takes them as they are, gpu_check's summary keeps them.
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for r in results:
         peak = "n/a" if r.peak_mib is None and r.status == "ok" else number(r.peak_mib, 1)
         cells = (r.backend, r.status, number(r.fwd_ms, 3), number(r.fwd_bwd_ms, 3), number(r.setup_ms, 3),
                  number(r.step_ms, 2), number(r.ratio, 2), peak,
                  "-" if r.out_diff is None else f"{r.out_diff:.2e}",
                  "-" if r.grad_diff is None else f"{r.grad_diff:.2e}")  # fmt: skip
-        lines.append(" | ".join(cells) + (f"  ({r.detail})" if r.detail else ""))
-    lines.append(f"fastest correct: {fastest_correct(results)}")
-    lines.append(f"auto picks today: {header.get('auto')}")
+        lines.append("| " + " | ".join(cells) + " |" + (f"  ({r.detail})" if r.detail else ""))
+    lines.append(f"# fastest correct: {fastest_correct(results)}")
+    lines.append(f"# auto picks today: {header.get('auto')}")
     return "\n".join(lines)
 
 

@@ -97,6 +97,7 @@ def test_table_and_json_name_the_device_the_winner_and_auto(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "fastest correct: " in printed and "auto picks today: sdpa" in printed
     assert "ms" in printed and "peak MiB" in printed and "n/a" in printed
+    assert any(line.startswith("| sdpa | ok |") for line in printed.splitlines())  # markdown rows
     payload = json.loads(out.read_text())
     assert {"date", "device", "torch", "dtype", "shape", "lengths", "auto"} <= payload["header"].keys()
     assert payload["fastest_correct"] in ("sdpa", "eager")
