@@ -31,7 +31,8 @@ def test_wheel_without_extras_trains_a_zero3_step(tmp_path, tiny_model):
     environment = tmp_path / "venv"
     venv.create(environment, with_pip=True)
     python = environment / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # --no-compile: byte-compiling torch and its siblings takes ~20 s of the install and proves nothing here.
+    pip = [str(python), "-m", "pip", "install", "-q", "--no-compile", "--disable-pip-version-check"]
     run([*pip, "-c", str(REPO / "constraints.txt"), "torch==2.13.0", str(wheel)])
 
     installed = run([str(python), "-m", "pip", "list", "--format=json"]).stdout
