@@ -7,6 +7,7 @@ TRITON_INTERPRET=1 in a subprocess."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -160,15 +161,21 @@ def test_kernels_compile_for_gpu(capability, dtype):
             assert len(compiled.asm["cubin"]) > 1000
 
 
-def test_launch_configuration_per_device():
+def test_launch_configuration_per_device(monkeypatch):
     """CPU tensors: the interpreted kernels with one small fixed configuration. CUDA: autotuned kernels whose key
-    leaves out the row count (it changes every batch) and which restore the chunk they overwrite between trials."""
+    leaves out the row count (it changes every batch) and which restore the chunk they overwrite between trials; the
+    row kernel (a reduction: its configuration sets the summation order) only with IFT_TUNE_ROW_KERNEL=1, else a
+    configuration fixed by the vocabulary size, the same in every process."""
     import triton
 
     from ift_dist.kernels import triton_logits
 
+    kernel, meta = triton_logits.row_launch(torch.device("cuda"), 128256)
+    assert kernel is triton_logits._row_loss_kernel and meta == {"BLOCK_V": 4096, "num_warps": 8}
+    assert triton_logits.row_launch(torch.device("cuda"), 1000)[1] == {"BLOCK_V": 1024, "num_warps": 8}
+    monkeypatch.setenv("IFT_TUNE_ROW_KERNEL", "1")
     for launch, fixed in (
-        (triton_logits.row_launch, triton_logits.INTERPRETER_ROW_META),
+        (functools.partial(triton_logits.row_launch, vocab_size=1000), triton_logits.INTERPRETER_ROW_META),
         (triton_logits.dlogits_launch, triton_logits.INTERPRETER_DLOGITS_META),
     ):
         kernel, meta = launch(torch.device("cpu"))
@@ -218,7 +225,7 @@ def test_autotuning_restores_the_chunk_it_overwrites(monkeypatch):
 
     row = tuned(interpreted._row_loss_kernel, triton_logits._row_loss_tuned, [(32,), (64,)])
     dlogits = tuned(interpreted._dlogits_kernel, triton_logits._dlogits_tuned, [(8, 32), (16, 64)])
-    monkeypatch.setattr(triton_logits, "row_launch", lambda device: (row, {}))
+    monkeypatch.setattr(triton_logits, "row_launch", lambda device, vocab_size: (row, {}))
     monkeypatch.setattr(triton_logits, "dlogits_launch", lambda device: (dlogits, {}))
     for weight_grad_pass in ("vocab", "rows"):
         _compare("half", "sum", OPTION_SETS["everything"], weight_grad_pass)
