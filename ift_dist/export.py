@@ -236,11 +236,38 @@ def export_dir(cfg: Config) -> Path:
 
 
 def exported_message(model_dir: Path, *, adapter: bool) -> str:
-    """What training prints after its export: how to chat with the model, or how to use the adapter."""
+    """What training prints after its export: how to chat with the model (how to continue a text when its tokenizer
+    has no chat template: a run on raw-text sources only), or how to use the adapter."""
     if adapter:
         return (f"exported the LoRA adapter {model_dir} (load it with peft's PeftModel.from_pretrained on the base; "
                 f"a merged model: ift export RUN_DIR OUT_DIR --merge)")  # fmt: skip
+    if not has_chat_template(model_dir):
+        return (
+            f"exported {model_dir} (no chat template); continue a text with it: {complete_command(model_dir)}"
+        )
     return f"exported {model_dir}; chat with it: {chat_command(model_dir)}"
+
+
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether the tokenizer saved in `model_dir` carries a chat template (transformers 5 writes it to
+    chat_template.jinja; older versions into tokenizer_config.json)."""
+    if (model_dir / "chat_template.jinja").exists():
+        return True
+    config = model_dir / "tokenizer_config.json"
+    return config.exists() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def complete_command(
+    model_dir: Path, prompt: str = "Once upon a time", max_new_tokens: int = 64, python: str = "python"
+) -> str:
+    """A shell command that continues `prompt`, greedily, with an exported model that has no chat template."""
+    code = (
+        "from transformers import pipeline; "
+        f'generate = pipeline("text-generation", model={json.dumps(str(model_dir))}); '
+        f"print(generate({json.dumps(prompt)}, max_new_tokens={max_new_tokens}, do_sample=False, "
+        'return_full_text=False)[0]["generated_text"])'
+    )
+    return f"{python} -c {shlex.quote(code)}"
 
 
 def chat_command(

@@ -13,7 +13,7 @@ from tiny_model import save_tiny_llama
 from transformers import AutoConfig, AutoTokenizer
 
 from ift_dist.config import ModelConfig
-from ift_dist.export import save_model_files, skeleton_names
+from ift_dist.export import exported_message, save_model_files, skeleton_names
 from ift_dist.model import load_model
 
 TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
@@ -59,3 +59,30 @@ def test_a_gguf_model_exports_plain_weights(tmp_path, tokenizer):
     shapes, tied = skeleton_names(AutoConfig.from_pretrained(tmp_path))
     assert tied == {"lm_head.weight"}
     assert sum(shape.numel() for name, shape in shapes.items() if name not in tied) == 134_515_008
+
+
+def test_the_printed_command_continues_a_text_when_there_is_no_chat_template(tmp_path, tokenizer):
+    """A run on raw-text sources only (a tokenizer without a chat template, e.g. GPT-2's) is told how to continue a
+    text, not how to chat; the printed command runs."""
+    import shlex
+    import subprocess
+    import sys
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+    save_tiny_llama(tmp_path / "model", vocab_size=49152, num_hidden_layers=1, **sizes)
+    model, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "model")), device="cpu")
+    save_model_files(tmp_path / "chat", model, tokenizer, TEMPLATE)
+    assert "; chat with it: python -c " in exported_message(tmp_path / "chat", adapter=False)
+    save_model_files(tmp_path / "text", model, tokenizer, None)
+    message = exported_message(tmp_path / "text", adapter=False)
+    assert "(no chat template); continue a text with it: python -c " in message, message
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "text" / name).unlink(missing_ok=True)
+    for path in (tmp_path / "model").iterdir():  # the weights, as an export would hold them
+        if not (tmp_path / "text" / path.name).exists():
+            (tmp_path / "text" / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "text" / "config.json").write_bytes((tmp_path / "model" / "config.json").read_bytes())
+    arguments = shlex.split(message.split("continue a text with it: ", 1)[1])
+    result = subprocess.run([sys.executable, *arguments[1:]], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()  # the random model's continuation
