@@ -2,7 +2,7 @@
 on rank 0 (the judge needs no model: it calls an endpoint).
 
     ift eval mc MODEL_OR_RUN --benchmark mmlu [--subjects ...] [--shots 5] [--scoring letter] [--num-gpus N]
-    ift eval ppl MODEL_OR_RUN --data FILE... [--template ...] [--num-gpus N]
+    ift eval ppl MODEL_OR_RUN --data FILE... [--text FILE...] [--template ...] [--num-gpus N]
     ift eval generate MODEL_OR_RUN --prompts vicuna_bench [--limit N] [--temperature T] [--num-gpus N]
     ift eval ifeval MODEL_OR_RUN [--limit N] [--num-gpus N]     (or --answers DIR: score earlier answers)
     ift eval judge --answers DIR... [--baseline DIR] --judge-url URL --judge-model NAME
@@ -61,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_common(ppl)
     ppl.add_argument(
-        "--data", nargs="+", required=True, help="record files (each one source), any training format"
+        "--data", nargs="+", default=[], help="record files (each one source), any training format"
+    )
+    ppl.add_argument(
+        "--text", nargs="+", default=[], help='raw-text files ({"text": ...} per record): every token scored'
     )
     ppl.add_argument(
         "--template", help="data.template (default: the run's, else the tokenizer's chat template)"
@@ -172,6 +175,10 @@ def evaluate(args: argparse.Namespace) -> int:
         if args.eval_command == "mc":
             cfg = benchmark_config(args)
             cfg.validate("ift eval mc")
+        if args.eval_command == "ppl" and not args.data and not args.text:  # before loading the model
+            raise ConfigError(
+                "ift eval ppl: name files to score with --data (records) and/or --text (raw text)"
+            )
         from ift_dist.eval.benchmarks import BenchmarkError
         from ift_dist.eval.model_source import model_directory
         from ift_dist.eval.prompt_sets import set_label
@@ -256,7 +263,12 @@ def _run_ppl(args: argparse.Namespace, source: Any, model: Any, tokenizer: Any) 
 
     base = load_config(str(source.run_config), []).data if source.run_config is not None else None
     data = data_config_for(
-        args.data, base=base, tokenizer=args.tokenizer, template=args.template, max_length=args.max_length
+        args.data,
+        text_files=args.text,
+        base=base,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        max_length=args.max_length,
     )
     result = evaluate_perplexity(
         model,
@@ -269,7 +281,12 @@ def _run_ppl(args: argparse.Namespace, source: Any, model: Any, tokenizer: Any) 
     if dist.rank() == 0:
         out = _out_dir(args, source, "ppl")
         out.mkdir(parents=True, exist_ok=True)
-        record = {"model": source.describe(), "data": list(args.data), **result.to_json()}
+        record = {
+            "model": source.describe(),
+            "data": list(args.data),
+            "text": list(args.text),
+            **result.to_json(),
+        }
         (out / "results.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         print(format_table(result))
         print(f"\nresults: {out}/results.json")

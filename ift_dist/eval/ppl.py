@@ -50,6 +50,7 @@ MAX_EXPONENT = 700.0
 def data_config_for(
     files: Sequence[str],
     *,
+    text_files: Sequence[str] = (),
     base: DataConfig | None = None,
     tokenizer: str | None = None,
     template: str | None = None,
@@ -57,12 +58,18 @@ def data_config_for(
 ) -> DataConfig:
     """The data section that scores `files`: each file its own source (named by its stem, the format detected per
     file as training does), everything else (template, system_prompt, supervise, max_length, overlong, ...) from
-    `base` (a run's data section) or the defaults; the explicit arguments override both. There is no eval split:
-    every record of the files is scored. Raises ConfigError for a bad value, named by its data.* key."""
-    if not files:
+    `base` (a run's data section) or the defaults; the explicit arguments override both. `text_files` are raw-text
+    sources (format text, as training reads them: every token scored, documents cut into max_length chunks, EOS
+    appended). There is no eval split: every record of the files is scored. Raises ConfigError for a bad value, named
+    by its data.* key."""
+    if not files and not text_files:
         raise ConfigError("data: no files to score")
     data = dataclasses.replace(base) if base is not None else DataConfig()
-    data.sources = [SourceConfig(path=str(path), name=name) for path, name in _source_names(files)]
+    names = _source_names([*files, *text_files])
+    data.sources = [
+        SourceConfig(path=str(path), name=name, format="text" if index >= len(files) else "auto")
+        for index, (path, name) in enumerate(names)
+    ]
     data.eval_sources, data.eval_fraction, data.prepared = [], 0.0, None
     if tokenizer is not None:
         data.tokenizer = tokenizer

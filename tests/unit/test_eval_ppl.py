@@ -195,6 +195,41 @@ def test_no_sample_is_an_error(model, tokenizer, tmp_path):
         evaluate_perplexity(model, tokenizer, data_for([path]), show_progress=False)
 
 
+def test_raw_text_files_score_every_token_of_each_chunk(model, tokenizer, files, tmp_path):
+    """--text: documents read as training's text sources: the tokenizer's ids with EOS appended, cut into max_length
+    chunks, every position after a chunk's first scored; here computed independently, chunk by chunk."""
+    texts = [
+        f"Document {n}: " + "the quick brown fox jumps over the lazy dog. " * (3 + 9 * n) for n in range(3)
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    max_length = 64
+    loss_sum, tokens, chunks = 0.0, 0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = [*tokenizer(text)["input_ids"], tokenizer.eos_token_id]
+            for start in range(0, len(ids), max_length):
+                chunk = torch.tensor([ids[start : start + max_length]])
+                if chunk.shape[1] < 2:
+                    continue
+                logits_TV = model(chunk).logits[0, :-1]
+                loss_sum += float(F.cross_entropy(logits_TV, chunk[0, 1:], reduction="sum"))
+                tokens, chunks = tokens + chunk.shape[1] - 1, chunks + 1
+    data = data_config_for(
+        [str(files["chat"])], text_files=[str(path)], base=DataConfig(max_length=max_length, num_workers=0)
+    )
+    assert [(source.name, source.format) for source in data.sources] == [("chat", "auto"), ("docs", "text")]
+    result = evaluate_perplexity(model, tokenizer, data, batch_rows=3, show_progress=False)
+    docs = result.sources["docs"]
+    assert chunks > len(texts) and (docs["samples"], docs["tokens"]) == (chunks, tokens)
+    assert docs["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+    assert result.sources["chat"]["tokens"] > 0  # records and raw text in one call
+    only_text = data_config_for([], text_files=[str(path)], base=DataConfig(max_length=max_length))
+    assert [source.format for source in only_text.sources] == ["text"]
+    with pytest.raises(ConfigError, match="no files"):
+        data_config_for([], text_files=[])
+
+
 def test_data_config_for_takes_the_runs_data_section_and_overrides(tmp_path):
     base = DataConfig(
         sources=[SourceConfig(path="train.jsonl", weight=2.0)],
