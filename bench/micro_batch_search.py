@@ -1,75 +1,20 @@
-"""What a benchmark run's failure means (out of memory or another error) and the search for the largest micro batch
-that fits, as pure functions of probe outcomes: bench/train_throughput.py runs the probes.
+"""The search of bench/train_throughput.py --search-micro-batch for each contender's largest micro batch (rows per
+rank) that fits: doubling then bisecting over probe outcomes, each probe one run of bench/contender_run.py.
 
-    outcome = classify_run(return_code, log_text)        # Outcome("ok" | "oom" | "failed" | "timeout", detail)
-    best, probes = largest_fitting(probe, start=1, limit=64, tolerance=0.0)
-
-A contender that runs out of memory is a result (the table says "OOM"), not a reason to abort the other contenders.
+    best, probes = largest_fitting(probe, start=1, limit=64, tolerance=0.0)   # pure: probe(m) -> Outcome
+    report = search(contenders, args, workdir, model, tokenizer, gpu, flops)  # the runs, search.json, the table
 """
 
 from __future__ import annotations
 
-import re
-import signal
+import argparse
+import json
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-# Lines that mean a rank ran out of memory: torch's CUDA allocator, the CPU allocator, NCCL/cuBLAS allocations.
-OOM_PATTERNS = (
-    re.compile(r"OutOfMemoryError"),
-    re.compile(r"CUDA out of memory", re.IGNORECASE),
-    re.compile(r"CUBLAS_STATUS_ALLOC_FAILED"),
-    re.compile(r"DefaultCPUAllocator: can't allocate memory"),
-    re.compile(r"NCCL.*(out of memory|Failed to CUDA calloc)", re.IGNORECASE),
-)
-# The deepspeed launcher's line for a rank that ended by a signal ("exits with return code = -9"): SIGKILL is what the
-# kernel's out-of-memory killer sends, so a killed rank counts as out of memory (host memory).
-KILLED = re.compile(r"return code = -(\d+)")
-ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b")  # "torch.x.FooError: why"
-RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")  # torch's prefix of every line a rank prints to stderr
-STATUSES = ("ok", "oom", "failed", "timeout")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one run of one contender ended. `detail`: the line that shows why (empty when ok)."""
-
-    status: str  # one of STATUSES
-    detail: str = ""
-
-    @property
-    def fits(self) -> bool:
-        return self.status == "ok"
-
-    def cell(self) -> str:
-        """The table cell of a run without numbers: "OOM" or "failed: <the error line>"."""
-        if self.status == "oom":
-            return "OOM"
-        if self.status == "timeout":
-            return "timeout"
-        return f"failed: {self.detail}".replace("|", "/")[:160]
-
-
-def classify_run(code: int | str, log_text: str) -> Outcome:
-    """The outcome of a run that exited with `code` ("timeout" when it was killed for running too long) and wrote
-    `log_text` (all ranks' output). Out of memory wins over every other reading: a rank that hit it takes its peers
-    down with collective errors afterwards, and those lines come last."""
-    if code == "timeout":
-        return Outcome("timeout", "")
-    lines = [RANK_PREFIX.sub("", line.strip()) for line in log_text.splitlines() if line.strip()]
-    for line in lines:
-        if any(pattern.search(line) for pattern in OOM_PATTERNS):
-            return Outcome("oom", line[:300])
-    killed = next(
-        (line for line in lines if (m := KILLED.search(line)) and int(m.group(1)) == signal.SIGKILL), None
-    )
-    if killed is not None or code in (-signal.SIGKILL, 128 + signal.SIGKILL):
-        return Outcome("oom", killed or f"killed (exit {code}): out of host memory?")
-    if code == 0:
-        return Outcome("ok")
-    errors = [line for line in lines if ERROR_LINE.match(line)]
-    detail = errors[-1] if errors else (lines[-1] if lines else f"exit {code}, no output")
-    return Outcome("failed", detail[:300])
+from contender_run import NAMES, Outcome, failure_cell, prepare, run_contender, summarize
 
 
 def largest_fitting(
@@ -116,3 +61,108 @@ def largest_fitting(
         else:
             fail = middle
     return fit, probes
+
+
+def search_starts(text: str, contenders: list[str]) -> dict[str, int]:
+    """--search-start: one number for every contender, or NAME=N pairs (the others start at 1)."""
+    if "=" not in text:
+        return dict.fromkeys(contenders, int(text))
+    starts = dict.fromkeys(contenders, 1)
+    for pair in text.split(","):
+        name, value = pair.split("=")
+        if name.strip() not in starts:
+            raise SystemExit(f"--search-start names {name.strip()!r}, not one of the contenders {contenders}")
+        starts[name.strip()] = int(value)
+    return starts
+
+
+def search(
+    contenders: list[str], args: argparse.Namespace, workdir: Path, model: Path, tokenizer: Any, gpu: bool,
+    flops: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """--search-micro-batch: each contender's largest micro batch (rows per rank) that fits, by doubling then
+    bisecting (micro_batch_search.largest_fitting), each probe a run of --steps steps; prints one line per probe as
+    it ends and the table at the end, and writes search.json."""
+    geometries: dict[int, list[dict]] = {}  # micro batch -> its steps, prepared once for every contender
+    report: dict[str, Any] = {}
+    starts = search_starts(args.search_start, contenders)
+    deadline = time.perf_counter() + args.search_deadline_s if args.search_deadline_s else None
+
+    class DeadlineReached(Exception):
+        """--search-deadline-s passed: no further probe starts."""
+
+    def probe_in(contender: str) -> Any:
+        def probe(micro_batch: int) -> Outcome:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise DeadlineReached
+            geometry = argparse.Namespace(**{**vars(args), "micro_batch_rows": micro_batch})
+            directory = workdir / f"micro{micro_batch}"
+            if micro_batch not in geometries:
+                geometries[micro_batch] = prepare(geometry, model, tokenizer, directory, gpu)
+            steps = geometries[micro_batch]
+            started = time.perf_counter()
+            result = run_contender(contender, geometry, directory, steps, directory / f"{contender}.log")
+            numbers = summarize([result], steps, geometry, flops)
+            report[contender]["probes"][micro_batch] = {**result, "summary": numbers}
+            shown = f"{numbers['tokens_per_second']:,.0f} tokens/s, {numbers['peak_memory_gb']:.1f} GiB" if numbers \
+                else failure_cell([result])  # fmt: skip
+            print(f"# probe {contender} micro batch {micro_batch}: {shown} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+            (workdir / "search.json").write_text(json.dumps(report, indent=1, default=str))
+            return Outcome(result["status"], result.get("detail", ""))
+
+        return probe
+
+    for contender in contenders:
+        report[contender] = {"probes": {}}
+        try:
+            best, _ = largest_fitting(
+                probe_in(contender), start=min(starts[contender], args.search_max), limit=args.search_max,
+                tolerance=args.search_tolerance,
+            )  # fmt: skip
+        except DeadlineReached:  # the largest that fitted so far: a lower bound
+            fitted = [
+                int(micro) for micro, probe in report[contender]["probes"].items() if probe["status"] == "ok"
+            ]
+            best = max(fitted, default=None)
+            report[contender]["stopped"] = "deadline"
+        report[contender]["largest"] = best
+    (workdir / "search.json").write_text(json.dumps(report, indent=1, default=str))
+    print_search_table(report, args)
+    return report
+
+
+def print_search_table(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """One row per contender: the largest micro batch that fits, its numbers, and the fastest micro batch probed."""
+    print(
+        f"| contender | largest micro batch (rows/rank, x{args.accumulation} accumulation) | tokens/s | "
+        "peak memory / rank GiB | MFU | fastest probe: tokens/s (micro batch) | probes |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for contender, found in report.items():
+        probes = {int(micro): probe for micro, probe in found["probes"].items()}
+        shown = ", ".join(
+            f"{micro} {'ok' if probe['summary'] else failure_cell([probe])}"
+            for micro, probe in sorted(probes.items())
+        )
+        largest = found.get("largest")
+        if found.get("stopped"):
+            stopped = (
+                f"search stopped at --search-deadline-s{', largest is a lower bound' if largest else ''}"
+            )
+            shown = f"{shown}; {stopped}" if shown else stopped
+        if largest is None:
+            print(f"| {NAMES[contender]} | {'not found' if found.get('stopped') else 'none fits'} | - | - | - | - "
+                  f"| {shown or 'not probed'} |")  # fmt: skip
+            continue
+        numbers = probes[largest]["summary"]
+        fastest = max(
+            (micro for micro, probe in probes.items() if probe["summary"]),
+            key=lambda micro: probes[micro]["summary"]["tokens_per_second"],
+        )
+        mfu = f"{100 * numbers['mfu']:.1f}%" if numbers["mfu"] is not None else "n/a"
+        print(
+            f"| {NAMES[contender]} | {largest} | {numbers['tokens_per_second']:,.0f} | "
+            f"{numbers['peak_memory_gb']:.2f} | {mfu} | "
+            f"{probes[fastest]['summary']['tokens_per_second']:,.0f} ({fastest}) | {shown} |"
+        )

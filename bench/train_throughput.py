@@ -26,7 +26,8 @@ of ift_dist.metrics over the same samples, so it is the same for every contender
 to hf_padded. A contender that fails (out of memory on the GPU or the host, an error, --timeout) gets a row that says
 so ("OOM", "failed: <its last error line>", "timeout"), and the others still run. The model is a random Llama with
 the tokenizer's vocabulary unless --model names one. The work directory keeps the model, the batches, the logs and
-result.json; --report-only prints its table again.
+result.json; --report-only prints its table again. One contender's run (its inputs, the launch, how it ended, its
+numbers) is bench/contender_run.py.
 
     python bench/train_throughput.py --search-micro-batch --steps 4 --warmup-steps 2 --accumulation 1 \
         [--search-start ift=8 --search-max 32 --search-tolerance 0.25]
@@ -45,9 +46,6 @@ import json
 import logging
 import os
 import platform
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,30 +57,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
-import yaml
-from micro_batch_search import Outcome, classify_run, largest_fitting
+from contender_run import (
+    CONTENDERS,
+    NAMES,
+    REPO,
+    SHARED,
+    failure_cell,
+    on_gpu,
+    prepare,
+    run_contender,
+    summarize,
+    write_ift_config,
+)
+from micro_batch_search import search
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CONTENDERS = ("ift", "ift_reference", "hf_padded", "hf_flat", "ift_lora", "hf_lora")
+# Imported from here by bench/profile_step.py (its run is configured like the contenders') and scripts/gpu_check.sh.
+__all__ = ["add_model_arguments", "main", "write_ift_config", "write_model"]
 DEFAULT_CONTENDERS = "ift,hf_padded,hf_flat"
-NAMES = {
-    "ift": "ift-dist (packed rows, fused loss)",
-    "ift_reference": "ift-dist, train.loss=reference",
-    "hf_padded": "HF Trainer, padded",
-    "hf_flat": "HF Trainer, DataCollatorWithFlattening",
-    "ift_lora": "ift-dist, LoRA (model.adapter)",
-    "hf_lora": "HF Trainer + peft LoRA, padded",
-}
-DEFAULT_SOURCES = [
-    {"path": str(SHARED / "data/llamafactory/alpaca_en_demo.json"), "name": "alpaca_en"},
-    {
-        "path": str(SHARED / "data/llamafactory/identity.json"),
-        "name": "identity",
-        "placeholders": {"name": "Nimbus", "author": "the ift-dist team"},
-    },
-]
-logger = logging.getLogger(__name__)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,10 +145,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def on_gpu(args: argparse.Namespace) -> bool:
-    return torch.cuda.is_available() and not args.cpu
-
-
 def write_model(args: argparse.Namespace, tokenizer: Any, directory: Path) -> Path:
     """A random Llama with the tokenizer's vocabulary (tied embeddings, like SmolLM2), saved once for everyone."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -183,209 +170,12 @@ def write_model(args: argparse.Namespace, tokenizer: Any, directory: Path) -> Pa
     return directory
 
 
-def write_ift_config(args: argparse.Namespace, model: Path, workdir: Path) -> Path:
-    workers = args.data_workers if args.data_workers is not None else (1 if on_gpu(args) else 0)
-    config = {
-        "output_dir": str(workdir / "ift-run"),  # each ift contender overrides it
-        "seed": args.seed,
-        "model": {"name_or_path": str(model)},
-        "data": {
-            "tokenizer": args.tokenizer,
-            "max_length": args.max_length,
-            "pack_buffer": args.pack_buffer,
-            "num_workers": workers,
-            "sources": DEFAULT_SOURCES,
-        },
-        "train": {
-            "max_steps": args.steps,
-            "global_batch_rows": args.micro_batch_rows * args.ranks * args.accumulation,
-            "micro_batch_rows": args.micro_batch_rows,
-            "learning_rate": args.learning_rate,
-            "lr_schedule": "constant",
-            "warmup_steps": 0,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "zero_config": str(REPO / "configs/ds_zero3/zero3.json"),
-            "save_at_end": False,
-        },
-    }
-    if not on_gpu(args):
-        config["model"]["dtype"] = "float32"
-    path = workdir / "ift.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def the_batches(config_path: Path, args: argparse.Namespace, tokenizer: Any) -> tuple[list[Any], list[dict]]:
-    """ift-dist's micro batches of every rank, as the Trainer contenders get them: item k is rank k % W's micro batch
-    k // W (accelerate hands batch k of a sequential sampler to rank k % W), each a list of (input_ids, labels) of
-    the samples in its rows. Also per step: real tokens, supervised tokens, samples and the sample lengths."""
-    from ift_dist.config import load_config
-    from ift_dist.data.loader import build_loader, scan_sources
-    from ift_dist.data.render import Renderer
-
-    cfg = load_config(config_path, ["data.num_workers=0", *args.ift_override])  # the same batches, in-process
-    renderer = Renderer(tokenizer, cfg.data)
-    scanned = scan_sources(cfg.data.sources, cfg.data.on_bad_record)
-    per_step = args.accumulation
-    per_rank = []
-    for rank in range(args.ranks):
-        loader = build_loader(
-            cfg.data, tokenizer, rank=rank, world_size=args.ranks, rows_per_batch=args.micro_batch_rows,
-            split="train", scanned=scanned, renderer=renderer,
-        )  # fmt: skip
-        batches = iter(loader)
-        per_rank.append([next(batches) for _ in range(args.steps * per_step)])
-    keys = ("tokens", "supervised_tokens", "samples", "padded_tokens")
-    items: list[Any] = []
-    steps: list[dict] = [{**dict.fromkeys(keys, 0), "lengths": []} for _ in range(args.steps)]
-    for micro in range(args.steps * per_step):
-        for rank in range(args.ranks):
-            batch = per_rank[rank][micro]
-            samples = []
-            for row, lengths in enumerate(batch.seq_lens):
-                start = 0
-                for length in lengths:
-                    ids = batch.input_ids[row, start : start + length].tolist()
-                    labels = batch.labels[row, start : start + length].tolist()
-                    samples.append((ids, labels))
-                    start += length
-            items.append(samples)
-            step = steps[micro // per_step]
-            step["tokens"] += sum(len(ids) for ids, _ in samples)
-            step["supervised_tokens"] += batch.num_loss_tokens
-            step["samples"] += len(samples)
-            step["lengths"] += [len(ids) for ids, _ in samples]
-            step["padded_tokens"] += len(samples) * max(len(ids) for ids, _ in samples)
-    return items, steps
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch(contender: str, args: argparse.Namespace, workdir: Path, log: Path) -> Outcome:
-    """`deepspeed --num_gpus N bench/train_throughput_rank.py`; on a timeout the whole process group is killed.
-    A run that fails (out of memory, an error, the timeout) is an outcome to report, not an exception."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    port = free_port()
-    command = [str(deepspeed), "--num_gpus", str(args.ranks), "--master_port", str(port)]
-    command += [
-        str(REPO / "bench/train_throughput_rank.py"),
-        "--contender",
-        contender,
-        "--workdir",
-        str(workdir),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if not on_gpu(args):
-        env["DS_ACCELERATOR"] = "cpu"
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-        def stop_ranks(signum: int, frame: Any) -> None:  # the bench itself is stopped (`timeout`, Ctrl-C)
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: the ranks would outlive the bench
-            raise SystemExit(128 + signum)
-
-        handlers = {number: signal.signal(number, stop_ranks) for number in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            code = process.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            code = "timeout"
-        finally:
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
-    # DeepSpeed's CPU shared-memory allreduce leaves a 66 MB segment per rank in /dev/shm, named after the port
-    # (ift-dist unlinks its own in engine.init_distributed; the Trainer contenders do not). The ranks are gone now.
-    for segment in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        segment.unlink(missing_ok=True)
-    outcome = classify_run(code, log.read_text(errors="replace"))
-    if not outcome.fits:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        logger.warning("%s: %s (exit %s); log %s, its end:\n%s", contender, outcome.cell(), code, log, tail)
-    return outcome
-
-
-def read_run(contender: str, args: argparse.Namespace, workdir: Path, steps: list[dict]) -> dict[str, Any]:
-    ranks = [json.loads((workdir / contender / f"rank{r}.json").read_text()) for r in range(args.ranks)]
-    rank0 = ranks[0]["steps"]
-    if len(rank0) != args.steps:
-        raise RuntimeError(f"{contender}: {len(rank0)} optimizer steps recorded, expected {args.steps}")
-    for record, expected in zip(rank0, steps, strict=True):
-        # ift-dist reports them: its ranks must have read the very batches the Trainer contenders got.
-        for key in ("tokens", "supervised_tokens"):
-            if key in record and record[key] != expected[key]:
-                raise RuntimeError(
-                    f"{contender} step {record['step']}: {key} {record[key]} != {expected[key]} precomputed"
-                )
-    first = args.warmup_steps  # >= 1: step k's time is end(k) - end(k - 1)
-    step_seconds = [rank0[k]["time"] - rank0[k - 1]["time"] for k in range(first, args.steps)]
-    cpu_seconds = [
-        sum(rank["steps"][k]["cpu"] - rank["steps"][k - 1]["cpu"] for rank in ranks)
-        for k in range(first, args.steps)
-    ]  # all ranks
-    return {
-        "step_seconds": step_seconds,
-        "step_cpu_seconds": cpu_seconds,
-        "tokens_per_second": sum(step["tokens"] for step in steps[first:]) / sum(step_seconds),
-        "peak_memory_gb": [rank["peak_memory_gb"] for rank in ranks],
-        "losses": [record.get("loss") for record in rank0],
-        "grad_norms": [record.get("grad_norm") for record in rank0],
-    }
-
-
 def device_name(gpu: bool) -> str:
     if gpu:
         return torch.cuda.get_device_name(0)
     lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "?")
     return f"{model} ({os.cpu_count()} cores)"
-
-
-def summarize(
-    results: list[dict], steps: list[dict], args: argparse.Namespace, flops: Any
-) -> dict[str, Any] | None:
-    """The numbers of one contender over its successful runs (None when none succeeded). "tokens/s": the median
-    over the timed steps of every run of the step's real tokens / its wall time. "tokens per CPU-s": the same over
-    the CPU time of all ranks, the work a step costs: on a machine shared with other jobs it is not inflated by
-    waiting for a core, as wall time is."""
-    from ift_dist.metrics import peak_flops
-
-    results = [result for result in results if result.get("status", "ok") == "ok"]
-    if not results:
-        return None
-    first = args.warmup_steps
-    peak = peak_flops(torch.device("cuda")) if on_gpu(args) else None
-
-    def per_step(key: str) -> list[tuple[int, float]]:
-        return [(first + step, seconds) for result in results for step, seconds in enumerate(result[key])]
-
-    wall, cpu = per_step("step_seconds"), per_step("step_cpu_seconds")
-    mfu = None
-    if peak:
-        mfu = statistics.median(
-            flops.flops(steps[k]["lengths"]) / (seconds * args.ranks * peak) for k, seconds in wall
-        )
-    return {
-        "tokens_per_second": statistics.median(steps[k]["tokens"] / seconds for k, seconds in wall),
-        "tokens_per_cpu_second": statistics.median(steps[k]["tokens"] / seconds for k, seconds in cpu),
-        "peak_memory_gb": max(max(result["peak_memory_gb"]) for result in results),
-        "mfu": mfu,
-        "losses": results[0]["losses"],
-    }
-
-
-def failure_cell(results: list[dict]) -> str:
-    """The table cell of a contender none of whose runs succeeded: its first run's outcome."""
-    first = results[0]
-    return Outcome(first["status"], first.get("detail", "")).cell()
 
 
 def print_table(runs: dict[str, list[dict]], steps: list[dict], args: argparse.Namespace, flops: Any) -> None:
@@ -428,152 +218,6 @@ def print_table(runs: dict[str, list[dict]], steps: list[dict], args: argparse.N
             print(f"# {contender}: losses per step {losses}; timed tokens / timed seconds per run: {totals}")
         if failed:
             print(f"# {contender}: {len(failed)} of {len(results)} runs failed: {'; '.join(failed)}")
-
-
-def run_contender(
-    contender: str, args: argparse.Namespace, workdir: Path, steps: list[dict], log: Path
-) -> dict[str, Any]:
-    """One run: its measurements with status "ok", or {"status": "oom" | "failed" | "timeout", "detail": ...}."""
-    outcome = launch(contender, args, workdir, log)
-    if outcome.fits:
-        try:
-            return {"status": "ok", **read_run(contender, args, workdir, steps)}
-        except (OSError, ValueError, KeyError, RuntimeError) as error:  # a rank file missing or short
-            outcome = Outcome("failed", str(error).splitlines()[0])
-    return {"status": outcome.status, "detail": outcome.detail}
-
-
-def prepare(args: argparse.Namespace, model: Path, tokenizer: Any, directory: Path, gpu: bool) -> list[dict]:
-    """The ift-dist config, the micro batches of every contender and setup.json of one batch geometry (args'
-    micro_batch_rows, accumulation, steps) in `directory`, which the rank processes read; returns the steps."""
-    from ift_dist.data.render import pad_token_id
-
-    directory.mkdir(parents=True, exist_ok=True)
-    config_path = write_ift_config(args, model, directory)
-    items, steps = the_batches(config_path, args, tokenizer)
-    (directory / "batches.json").write_text(json.dumps(items))
-    (directory / "steps.json").write_text(json.dumps(steps))
-    setup = {
-        "model": str(model),
-        "dtype": "bfloat16" if gpu else "float32",
-        "zero_config": str(REPO / "configs/ds_zero3/zero3.json"),
-        "accumulation_steps": args.accumulation,
-        "micro_batch_rows": args.micro_batch_rows,
-        "steps": args.steps,
-        "learning_rate": args.learning_rate,
-        "fused_adamw": gpu,  # what ift-dist's engine.build_optimizer picks
-        "hf_attention": args.hf_attention,
-        "pad_id": int(pad_token_id(tokenizer)),
-        "seed": args.seed,
-        "ift_overrides": args.ift_override,
-    }
-    (directory / "setup.json").write_text(json.dumps(setup, indent=1))
-    return steps
-
-
-def search_starts(text: str, contenders: list[str]) -> dict[str, int]:
-    """--search-start: one number for every contender, or NAME=N pairs (the others start at 1)."""
-    if "=" not in text:
-        return dict.fromkeys(contenders, int(text))
-    starts = dict.fromkeys(contenders, 1)
-    for pair in text.split(","):
-        name, value = pair.split("=")
-        if name.strip() not in starts:
-            raise SystemExit(f"--search-start names {name.strip()!r}, not one of the contenders {contenders}")
-        starts[name.strip()] = int(value)
-    return starts
-
-
-def search(
-    contenders: list[str], args: argparse.Namespace, workdir: Path, model: Path, tokenizer: Any, gpu: bool,
-    flops: Any,
-) -> dict[str, Any]:  # fmt: skip
-    """--search-micro-batch: each contender's largest micro batch (rows per rank) that fits, by doubling then
-    bisecting (micro_batch_search.largest_fitting), each probe a run of --steps steps; prints one line per probe as
-    it ends and the table at the end, and writes search.json."""
-    geometries: dict[int, list[dict]] = {}  # micro batch -> its steps, prepared once for every contender
-    report: dict[str, Any] = {}
-    starts = search_starts(args.search_start, contenders)
-    deadline = time.perf_counter() + args.search_deadline_s if args.search_deadline_s else None
-
-    class DeadlineReached(Exception):
-        """--search-deadline-s passed: no further probe starts."""
-
-    def probe_in(contender: str) -> Any:
-        def probe(micro_batch: int) -> Outcome:
-            if deadline is not None and time.perf_counter() > deadline:
-                raise DeadlineReached
-            geometry = argparse.Namespace(**{**vars(args), "micro_batch_rows": micro_batch})
-            directory = workdir / f"micro{micro_batch}"
-            if micro_batch not in geometries:
-                geometries[micro_batch] = prepare(geometry, model, tokenizer, directory, gpu)
-            steps = geometries[micro_batch]
-            started = time.perf_counter()
-            result = run_contender(contender, geometry, directory, steps, directory / f"{contender}.log")
-            numbers = summarize([result], steps, geometry, flops)
-            report[contender]["probes"][micro_batch] = {**result, "summary": numbers}
-            shown = f"{numbers['tokens_per_second']:,.0f} tokens/s, {numbers['peak_memory_gb']:.1f} GiB" if numbers \
-                else failure_cell([result])  # fmt: skip
-            print(f"# probe {contender} micro batch {micro_batch}: {shown} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
-            (workdir / "search.json").write_text(json.dumps(report, indent=1, default=str))
-            return Outcome(result["status"], result.get("detail", ""))
-
-        return probe
-
-    for contender in contenders:
-        report[contender] = {"probes": {}}
-        try:
-            best, _ = largest_fitting(
-                probe_in(contender), start=min(starts[contender], args.search_max), limit=args.search_max,
-                tolerance=args.search_tolerance,
-            )  # fmt: skip
-        except DeadlineReached:  # the largest that fitted so far: a lower bound
-            fitted = [
-                int(micro) for micro, probe in report[contender]["probes"].items() if probe["status"] == "ok"
-            ]
-            best = max(fitted, default=None)
-            report[contender]["stopped"] = "deadline"
-        report[contender]["largest"] = best
-    (workdir / "search.json").write_text(json.dumps(report, indent=1, default=str))
-    print_search_table(report, args)
-    return report
-
-
-def print_search_table(report: dict[str, Any], args: argparse.Namespace) -> None:
-    """One row per contender: the largest micro batch that fits, its numbers, and the fastest micro batch probed."""
-    print(
-        f"| contender | largest micro batch (rows/rank, x{args.accumulation} accumulation) | tokens/s | "
-        "peak memory / rank GiB | MFU | fastest probe: tokens/s (micro batch) | probes |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for contender, found in report.items():
-        probes = {int(micro): probe for micro, probe in found["probes"].items()}
-        shown = ", ".join(
-            f"{micro} {'ok' if probe['summary'] else failure_cell([probe])}"
-            for micro, probe in sorted(probes.items())
-        )
-        largest = found.get("largest")
-        if found.get("stopped"):
-            stopped = (
-                f"search stopped at --search-deadline-s{', largest is a lower bound' if largest else ''}"
-            )
-            shown = f"{shown}; {stopped}" if shown else stopped
-        if largest is None:
-            print(f"| {NAMES[contender]} | {'not found' if found.get('stopped') else 'none fits'} | - | - | - | - "
-                  f"| {shown or 'not probed'} |")  # fmt: skip
-            continue
-        numbers = probes[largest]["summary"]
-        fastest = max(
-            (micro for micro, probe in probes.items() if probe["summary"]),
-            key=lambda micro: probes[micro]["summary"]["tokens_per_second"],
-        )
-        mfu = f"{100 * numbers['mfu']:.1f}%" if numbers["mfu"] is not None else "n/a"
-        print(
-            f"| {NAMES[contender]} | {largest} | {numbers['tokens_per_second']:,.0f} | "
-            f"{numbers['peak_memory_gb']:.2f} | {mfu} | "
-            f"{probes[fastest]['summary']['tokens_per_second']:,.0f} ({fastest}) | {shown} |"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """bench/train_throughput.py reports a contender that fails as a row of the table and goes on with the others; the
-largest-micro-batch search and the failure classification are pure functions of probe outcomes
-(bench/micro_batch_search.py), tested here on scripted outcomes and once for real on CPU ranks."""
+failure classification (bench/contender_run.py) and the largest-micro-batch search (bench/micro_batch_search.py) are
+pure functions of a run's log and of probe outcomes, tested here on scripted outcomes and once for real on CPU ranks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from shared_paths import REPO, TOKENIZERS
 
 sys.path.insert(0, str(REPO / "bench"))  # bench/ holds scripts, not a package
 
-from micro_batch_search import Outcome, classify_run, largest_fitting
+from contender_run import Outcome, classify_run
+from micro_batch_search import largest_fitting, print_search_table
 
 CUDA_OOM_LOG = """\
 [rank0]: Traceback (most recent call last):
@@ -164,7 +165,7 @@ def test_tables_show_failed_contenders_and_the_search(capsys):
         "hf_padded": {"largest": None, "probes": {"1": {"status": "oom", "detail": "x", "summary": None}}},
         "hf_flat": {"largest": None, "stopped": "deadline", "probes": {}},
     }
-    train_throughput.print_search_table(report, args)
+    print_search_table(report, args)
     output = capsys.readouterr().out
     assert (
         "| ift-dist (packed rows, fused loss) | 8 | 3,000 | 1.50 | n/a | 3,500 (4) | 4 ok, 8 ok, 16 OOM |"
