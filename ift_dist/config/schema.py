@@ -192,8 +192,8 @@ class TrainConfig:
     zero_config: str | None = None
     # On ONE rank without parameter offload: "persist" keeps every parameter gathered (DeepSpeed's
     # stage3_param_persistence_threshold set to the maximum: nothing to gather or release per layer, the same
-    # numerics, the same ZeRO-3 checkpoints); "zero3" leaves DeepSpeed's defaults. No effect on several ranks, with
-    # offload_param or stage3_allgather_sequential, or when zero_config sets stage3_param_persistence_threshold.
+    # numerics, the same ZeRO-3 checkpoints; a threshold in zero_config is overridden); "zero3" leaves zero_config's
+    # and DeepSpeed's settings. No effect on several ranks, with offload_param or stage3_allgather_sequential.
     zero_single_rank: ZeroSingleRank = ZeroSingleRank.persist
     # Save a checkpoint into <output_dir>/checkpoints/step_<N> when training ends (docs/checkpoints.md); the
     # periodic and on-signal saves are set in the `checkpoint` section.
